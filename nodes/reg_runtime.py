@@ -1,0 +1,403 @@
+"""How REG runs inside ComfyUI's sampler: keyed wrappers, per-run state and the inference-mode escape.
+
+REG needs the *true* conditional prediction ``D_c`` with its Jacobian, and the *final* guided prediction of whatever
+chain the model carries (CFG, APG, PAG, SAG, SLG, CFGZeroStar, RescaleCFG, …). Two keyed wrappers do that without
+taking any single-slot hook, so the result does not depend on node order:
+
+- ``PREDICT_NOISE`` (outermost per step): opens a step capture, lets the whole guidance chain run, then returns
+  ``D_c + M_λ ⊙ (D_final − D_c)`` (reg_core.rectify);
+- ``CALC_COND_BATCH``: the first call of a step is the main cond/uncond pass (extra passes of PAG/SAG/SLG come later
+  in the post-cfg hooks); it evaluates the conditional branch with a graph (or with a finite-difference probe) and
+  records ``D_c`` and ``M``. Extra passes are never differentiated.
+
+An ``OUTER_SAMPLE`` wrapper creates fresh per-run state (window in σ, estimator fallback, APG momentum) and drops it
+when the run ends, including on interrupt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+from comfy.patcher_extension import WrappersMP
+
+from ..reg_core import guidance, rectify, schedules
+from ..reg_core.guidance import APG
+from ..reg_core.rectify import Estimator
+from ..reg_core.schedules import Progress, Schedule
+
+log = logging.getLogger("reg_guidance")
+
+WRAPPER_KEY = "reg_guidance"
+CACHE_WRAPPER_KEYS = ("easycache", "lazycache")
+FD_RELATIVE_STEP = 1e-3
+
+
+class REGConfigError(ValueError):
+    """A user-facing configuration error (names the input and the fix)."""
+
+
+@dataclass(frozen=True)
+class REGSettings:
+    """The user's REG settings (node inputs)."""
+
+    strength: float = 1.0
+    estimator: Estimator = Estimator.VJP
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.start_percent <= 1.0 or not 0.0 <= self.end_percent <= 1.0:
+            raise REGConfigError(
+                f"start_percent ({self.start_percent}) and end_percent ({self.end_percent}) must lie in [0, 1]."
+            )
+        if self.start_percent > self.end_percent:
+            raise REGConfigError(
+                f"start_percent ({self.start_percent}) is after end_percent ({self.end_percent}): REG would never act. "
+                "Set start_percent ≤ end_percent."
+            )
+
+
+@dataclass
+class StepCapture:
+    """What the main conditional pass of one step leaves for the rectification."""
+
+    claimed: bool = False
+    d_c: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+    graph: tuple[torch.Tensor, torch.Tensor] | None = None  # (D_c with graph, leaf x) for the chain estimator
+    factor: torch.Tensor | None = None
+
+
+@dataclass
+class REGRun:
+    """Per-sampling-run state, created by the OUTER_SAMPLE wrapper and dropped when the run ends."""
+
+    settings: REGSettings
+    flow: bool
+    sigma_high: float
+    sigma_low: float
+    estimator: Estimator
+    fallback_reason: str | None = None
+    prepared: bool = False
+    tracing: bool = False
+    step: StepCapture | None = None
+
+    def in_window(self, sigma: torch.Tensor) -> bool:
+        """Whether REG acts at this σ (``start/end_percent`` mapped through the model's ``percent_to_sigma``)."""
+        s = float(sigma.max())
+        return self.sigma_low <= s <= self.sigma_high
+
+    def fall_back(self, reason: str) -> None:
+        """Switch to the gradient-free estimator for the rest of the run, warning once."""
+        if self.estimator is not Estimator.GRADIENT_FREE:
+            log.warning(
+                "REG: exact gradients are unavailable (%s); using the gradient-free estimator for this run.", reason
+            )
+        self.estimator = Estimator.GRADIENT_FREE
+        self.fallback_reason = reason
+
+
+def _differentiable_modules(model: torch.nn.Module, conds: list[Any]) -> list[torch.nn.Module]:
+    """The diffusion model plus the ControlNet/T2I-adapter models attached to the conditioning."""
+    modules = [model]
+    seen: set[int] = set()
+    for cond_list in conds:
+        for cond in cond_list or []:
+            control = cond.get("control") if isinstance(cond, dict) else None
+            while control is not None and id(control) not in seen:
+                seen.add(id(control))
+                modules.extend(patcher.model for patcher in control.get_models())
+                control = getattr(control, "previous_controlnet", None)
+    return modules
+
+
+def make_differentiable(modules: Iterable[torch.nn.Module]) -> int:
+    """Replace inference-mode parameters and buffers by ordinary copies so autograd can record through them.
+
+    ComfyUI loads and patches weights inside ``torch.inference_mode``; such tensors cannot be saved for backward
+    (comfyui-integration.md §6). Values are unchanged and ``requires_grad`` stays False. Returns how many tensors
+    were replaced (0 once a run has already done it and the weights were not reloaded).
+    """
+    replaced = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for root in modules:
+            for module in root.modules():
+                for name, param in list(module._parameters.items()):
+                    if param is not None and param.is_inference():
+                        module._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                        replaced += 1
+                for name, buf in list(module._buffers.items()):
+                    if buf is not None and buf.is_inference():
+                        module._buffers[name] = buf.clone()
+                        replaced += 1
+    return replaced
+
+
+class NoGraphError(RuntimeError):
+    """The conditional pass produced no autograd graph (e.g. quantised weights or a cache served the output)."""
+
+
+CalcExecutor = Callable[..., list[torch.Tensor]]
+AddWrapper = Callable[[str, str, Callable], None]
+
+
+def wrapper_adder(target: Any) -> AddWrapper:
+    """``add_wrapper(type, key, fn)`` for a ModelPatcher (its own method) or a ``model_options`` dict."""
+    if isinstance(target, dict):
+
+        def add(kind: str, key: str, fn: Callable) -> None:
+            comfy.patcher_extension.add_wrapper_with_key(kind, key, fn, target, is_model_options=True)
+
+        return add
+    return target.add_wrapper_with_key
+
+
+def _cond_with_graph(
+    executor: CalcExecutor, model: Any, cond: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluate the conditional branch outside inference mode with autograd on; return ``(D_c, leaf)``."""
+    leaf = x.detach().clone().requires_grad_(True)
+    d_c = executor(model, [cond], leaf, timestep.clone(), model_options)[0]
+    if not d_c.requires_grad:
+        raise NoGraphError("the conditional prediction carries no gradient")
+    return d_c, leaf
+
+
+class REGPatch:
+    """The wrappers one REG node installs; holds the current run's state between the wrapper calls."""
+
+    def __init__(self, settings: REGSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.run: REGRun | None = None
+
+    def install(self, add_wrapper: AddWrapper) -> None:
+        """Register the keyed wrappers with ``add_wrapper(type, key, fn)`` (see :func:`wrapper_adder`)."""
+        add_wrapper(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self.outer_sample)
+        add_wrapper(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, self.predict_noise)
+        add_wrapper(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, self.calc_cond_batch)
+        add_wrapper(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, self.diffusion_model)
+
+    def start_run(self, guider: Any) -> REGRun:
+        """Fresh state for a sampling run of ``guider``."""
+        patcher = guider.model_patcher
+        sampling = patcher.get_model_object("model_sampling")
+        flow = isinstance(sampling, comfy.model_sampling.CONST)
+        estimator = self.settings.estimator
+        run = REGRun(
+            settings=self.settings,
+            flow=flow,
+            sigma_high=float(sampling.percent_to_sigma(self.settings.start_percent)),
+            sigma_low=float(sampling.percent_to_sigma(self.settings.end_percent)),
+            estimator=estimator,
+        )
+        wrappers = guider.model_options.get("transformer_options", {}).get("wrappers", {})
+        caches = sorted({key for per_type in wrappers.values() for key in per_type if key in CACHE_WRAPPER_KEYS})
+        if caches and estimator is not Estimator.GRADIENT_FREE:
+            run.fall_back(f"{', '.join(caches)} serves cached predictions without a graph")
+        return run
+
+    def outer_sample(self, executor, *args, **kwargs):
+        self.run = self.start_run(executor.class_obj)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.run = None
+
+    def predict_noise(self, executor, x, timestep, model_options, seed):
+        run = self.run
+        if run is None or self.settings.strength == 0 or not run.in_window(timestep):
+            return executor(x, timestep, model_options, seed)
+        run.step = StepCapture()
+        try:
+            d_final = executor(x, timestep, model_options, seed)
+            return self._rectify(run, run.step, d_final)
+        finally:
+            run.step = None
+
+    def _rectify(self, run: REGRun, cap: StepCapture, d_final: torch.Tensor) -> torch.Tensor:
+        strength = self.settings.strength
+        if cap.graph is not None:
+            d_graph, leaf = cap.graph
+            cap.graph = None
+            with torch.inference_mode(False), torch.enable_grad():
+                delta = (d_final - cap.d_c).clone()
+                jt_delta = rectify.chain_product(d_graph, leaf, delta)
+            return rectify.rectify_chain(cap.d_c, d_final, jt_delta, cap.factor, strength)
+        if cap.d_c is None or cap.m is None:
+            return d_final
+        return rectify.rectify(cap.d_c, d_final, cap.m, strength)
+
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        run = self.run
+        cap = run.step if run is not None else None
+        if cap is None or cap.claimed:
+            return executor(model, conds, x_in, timestep, model_options)
+        cap.claimed = True
+        if len(conds) < 2 or conds[0] is None or conds[1] is None:
+            return executor(model, conds, x_in, timestep, model_options)  # cfg = 1: no guidance to rectify
+        cap.factor = rectify.flow_factor(timestep, x_in, run.flow)
+        if run.estimator is not Estimator.GRADIENT_FREE:
+            try:
+                return self._exact(run, cap, executor, model, conds, x_in, timestep, model_options)
+            except (RuntimeError, NotImplementedError) as err:
+                run.fall_back(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return self._gradient_free(run, cap, executor, model, conds, x_in, timestep, model_options)
+
+    def diffusion_model(self, executor, *args, **kwargs):
+        """Check that the network output of the differentiated pass really depends on its input.
+
+        ``D = x − σ·out`` keeps a gradient through ``x`` even when the network itself is cut from the graph
+        (quantised or frozen weights, a cache, a kernel without backward); M would silently be 1. Raise instead,
+        so the run falls back to the gradient-free estimator.
+        """
+        out = executor(*args, **kwargs)
+        run = self.run
+        if run is not None and run.tracing and not out.requires_grad:
+            raise NoGraphError("the network output carries no gradient")
+        return out
+
+    def _exact(self, run, cap, executor, model, conds, x_in, timestep, model_options):
+        if not run.prepared:
+            make_differentiable(_differentiable_modules(model, conds))
+            run.prepared = True
+        with torch.inference_mode(False), torch.enable_grad():
+            run.tracing = True
+            try:
+                d_c, leaf = _cond_with_graph(executor, model, conds[0], x_in, timestep, model_options)
+            finally:
+                run.tracing = False
+            if run.estimator is Estimator.CHAIN:
+                cap.graph = (d_c, leaf)
+            else:
+                cap.m = rectify.column_sums(d_c, leaf) * cap.factor
+            cap.d_c = d_c.detach()
+        rest = executor(model, conds[1:], x_in, timestep, model_options)
+        return [cap.d_c, *rest]
+
+    def _gradient_free(self, run, cap, executor, model, conds, x_in, timestep, model_options):
+        out = executor(model, conds, x_in, timestep, model_options)
+        h = rectify.fd_step(timestep, x_in, flow=run.flow, relative=FD_RELATIVE_STEP)
+        shifted = executor(model, [conds[0]], x_in + h, timestep, model_options)[0]
+        cap.d_c = out[0]
+        cap.m = (shifted - out[0]) / h * cap.factor
+        return out
+
+
+SCHEDULE_KEY = "reg_schedule"
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """A guidance-weight schedule applied to the sampler's cfg (reg_core.schedules conventions)."""
+
+    schedule: Schedule = Schedule.CONSTANT
+    progress: Progress = Progress.STEPS
+    end_cfg: float = 1.0
+    sigma_low: float = 0.28
+    sigma_high: float = 2.90
+    exponent: float = 1.0
+
+    def validate(self) -> None:
+        if self.sigma_low > self.sigma_high:
+            raise REGConfigError(f"sigma_low ({self.sigma_low}) is above sigma_high ({self.sigma_high}); swap them.")
+        if self.exponent <= 0:
+            raise REGConfigError(f"exponent must be positive, got {self.exponent}.")
+
+
+def ve_sigma(sigma: float, flow: bool) -> float:
+    """σ in the EDM/VE convention: flow models' σ maps to ``σ/(1−σ)`` (reg-math §9)."""
+    if not flow:
+        return sigma
+    return math.inf if sigma >= 1 else sigma / (1 - sigma)
+
+
+class SchedulePatch:
+    """A PREDICT_NOISE wrapper that sets the guider's cfg to ``1 + w(σ, p)`` for each step, then restores it."""
+
+    def __init__(self, settings: ScheduleSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self._warned = False
+
+    def install(self, add_wrapper: AddWrapper) -> None:
+        add_wrapper(WrappersMP.PREDICT_NOISE, SCHEDULE_KEY, self.predict_noise)
+
+    def cfg_at(self, base_cfg: float, sigma: float, sample_sigmas: list[float], flow: bool) -> float:
+        """The scheduled cfg for this step (weights are cond-anchored: ``w = cfg − 1``)."""
+        s = self.settings
+        sig = ve_sigma(sigma, flow)
+        if s.progress is Progress.STEPS:
+            progress = schedules.step_progress(sigma, sample_sigmas)
+        else:
+            progress = schedules.sigma_progress(sig, ve_sigma(max(sample_sigmas), flow))
+        w = schedules.scheduled_weight(
+            s.schedule,
+            base_cfg - 1.0,
+            sigma=sig,
+            progress=progress,
+            w_end=s.end_cfg - 1.0,
+            sigma_low=s.sigma_low,
+            sigma_high=s.sigma_high,
+            exponent=s.exponent,
+        )
+        return 1.0 + w
+
+    def predict_noise(self, executor, x, timestep, model_options, seed):
+        guider = executor.class_obj
+        base = getattr(guider, "cfg", None)
+        if not isinstance(base, (int, float)):
+            if not self._warned:
+                log.warning("REG schedule: %s has no single cfg scale; the schedule is ignored.", type(guider).__name__)
+                self._warned = True
+            return executor(x, timestep, model_options, seed)
+        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        steps = [float(v) for v in sample_sigmas] if sample_sigmas is not None else [float(timestep.max())]
+        flow = isinstance(guider.model_patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+        guider.cfg = self.cfg_at(float(base), float(timestep.max()), steps, flow)
+        try:
+            return executor(x, timestep, model_options, seed)
+        finally:
+            guider.cfg = base
+
+
+def apg_pre_cfg(apg: APG) -> Callable[[dict], list]:
+    """A pre-cfg hook running reg_core's APG with ComfyUI's semantics; a no-op when the uncond pass was skipped."""
+
+    def hook(args: dict) -> list:
+        out = args["conds_out"]
+        if len(out) < 2 or args["conds"][1] is None:
+            return out
+        sigma = float(args["sigma"][0])
+        return [apg.modified_cond(out[0], out[1], args["cond_scale"], sigma), *out[1:]]
+
+    return hook
+
+
+def _identity_attention(q, k, v, extra_options, mask=None):
+    return v
+
+
+def pag_post_cfg(scale: float) -> Callable[[dict], torch.Tensor]:
+    """PAG (Ahn et al. 2024) as ComfyUI's node does it: the UNet middle block's self-attention returns V, and the
+    result moves by ``scale·(D_c − D_pag)``. The extra pass is never differentiated (REG ignores later passes)."""
+
+    def hook(args: dict) -> torch.Tensor:
+        model_options = comfy.model_patcher.set_model_options_patch_replace(
+            args["model_options"].copy(), _identity_attention, "attn1", "middle", 0
+        )
+        (d_pag,) = comfy.samplers.calc_cond_batch(
+            args["model"], [args["cond"]], args["input"], args["sigma"], model_options
+        )
+        return guidance.reference_guidance(args["denoised"], args["cond_denoised"], d_pag, scale)
+
+    return hook

@@ -1,0 +1,313 @@
+"""REGGuidance, REGGuider and REGGuidanceSchedule inside real ComfyUI with tiny random-weight models."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+from prompts import NEGATIVE, POSITIVE, custom_advanced, ksampler, sd3_inputs, sd15_inputs
+
+REG = {"strength": 1.0, "estimator": "vjp", "start_percent": 0.0, "end_percent": 1.0}
+SCHEDULE = {"schedule": "constant", "end_cfg": 1.0, "sigma_low": 0.28, "sigma_high": 2.9, "exponent": 1.0}
+
+
+def run_ksampler(harness, tiny, *, family="sd15", patches=(), batch_size=1, **sampler):
+    """KSampler latent of a workflow whose model goes through ``patches`` ((node, inputs), …) in order."""
+    g = harness.graph()
+    inp = (sd15_inputs if family == "sd15" else sd3_inputs)(g, tiny, batch_size=batch_size)
+    model = inp.model
+    for class_type, inputs in patches:
+        model = g.node(class_type, model=model, **inputs).out(0)
+    node = ksampler(g, inp, model=model, **sampler)
+    return harness.run(g).latent(node)
+
+
+def reg_patch(**overrides):
+    return ("REGGuidance", {**REG, **overrides})
+
+
+# --- an independent one-step reference, computed from ComfyUI's own sampling function without REG's code ---
+
+
+@functools.cache
+def load_family(tiny, family):
+    import comfy.sd
+    import folder_paths
+
+    import nodes
+
+    if family == "sd15":
+        model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(tiny.sd15_checkpoint)[:3]
+        channels = 4
+    else:
+        model = nodes.UNETLoader().load_unet(tiny.sd3_unet, "default")[0]
+        clip = comfy.sd.load_clip(
+            ckpt_paths=[folder_paths.get_full_path_or_raise("text_encoders", tiny.clip_l)],
+            clip_type=comfy.sd.CLIPType.SD3,
+        )
+        channels = 16
+
+    def encode(text):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    return model, encode(POSITIVE), encode(NEGATIVE), channels
+
+
+def reference_one_step(tiny, family, cfg, seed=42, batch_size=1):
+    """``D_c + a(σ)·∇_xΣD_c ⊙ (D_cfg − D_c)`` for one Euler step to σ = 0 (whose result is the denoised itself)."""
+    import comfy.model_sampling
+    import comfy.sample
+    import comfy.samplers
+
+    model, positive, negative, channels = load_family(tiny, family)
+    latent = torch.zeros(batch_size, channels, 4, 4)
+    sampling = model.get_model_object("model_sampling")
+    flow = isinstance(sampling, comfy.model_sampling.CONST)
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", 1)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    seen = {}
+
+    def one_step(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        s = sigmas[0] * x.new_ones(x.shape[0])
+        with torch.enable_grad():
+            d_cfg = model_k(x, s, **extra_args)
+            guider.cfg = 1.0  # ComfyUI then skips the negative pass: D_c alone
+            leaf = x.detach().clone().requires_grad_(True)
+            d_c = model_k(leaf, s, **extra_args)
+            (m,) = torch.autograd.grad(d_c.sum(), leaf)
+            guider.cfg = cfg
+        a = (1 - s).reshape(-1, 1, 1, 1) if flow else 1.0
+        seen["m"] = a * m
+        return (d_c + a * m * (d_cfg - d_c)).detach()
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    out = guider.sample(noise, latent, comfy.samplers.KSAMPLER(one_step), sigmas, seed=seed)
+    return out, seen["m"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_one_step_equals_independent_reg_formula(harness, tiny, family):
+    cfg = 4.0
+    got = run_ksampler(harness, tiny, family=family, patches=[reg_patch()], steps=1, cfg=cfg)
+    plain = run_ksampler(harness, tiny, family=family, steps=1, cfg=cfg)
+    want, m = reference_one_step(tiny, family, cfg)
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-4 * scale
+    assert float((got - plain).abs().max()) > 1e-3 * scale  # REG really changed the result
+    assert float((m - 1).abs().mean()) > 1e-3  # and M is not trivially one
+
+
+def test_one_step_batch_of_two_is_per_sample(harness, tiny):
+    got = run_ksampler(harness, tiny, patches=[reg_patch()], steps=1, cfg=4.0, batch_size=2)
+    want, _ = reference_one_step(tiny, "sd15", 4.0, batch_size=2)
+    assert got.shape[0] == 2 and not torch.allclose(got[0], got[1])
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_strength_zero_is_exactly_the_unpatched_workflow(harness, tiny, family):
+    plain = run_ksampler(harness, tiny, family=family, steps=2)
+    zero = run_ksampler(harness, tiny, family=family, patches=[reg_patch(strength=0.0)], steps=2)
+    one = run_ksampler(harness, tiny, family=family, patches=[reg_patch()], steps=2)
+    assert torch.equal(zero, plain)
+    assert not torch.allclose(one, plain)
+    assert torch.isfinite(one).all()
+
+
+def test_cfg_one_is_a_no_op(harness, tiny):
+    plain = run_ksampler(harness, tiny, steps=2, cfg=1.0)
+    assert torch.equal(run_ksampler(harness, tiny, patches=[reg_patch()], steps=2, cfg=1.0), plain)
+
+
+def test_same_seed_gives_identical_output(harness, tiny):
+    a = run_ksampler(harness, tiny, patches=[reg_patch()], steps=2, seed=7)
+    b = run_ksampler(harness, tiny, patches=[reg_patch()], steps=2, seed=7)  # the harness re-executes every node
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        ("APG", {"eta": 0.5, "norm_threshold": 2.0, "momentum": 0.3}),
+        ("PerturbedAttentionGuidance", {"scale": 2.0}),
+        ("RescaleCFG", {"multiplier": 0.7}),
+        ("CFGZeroStar", {}),
+    ],
+    ids=["APG", "PAG", "RescaleCFG", "CFGZeroStar"],
+)
+def test_order_independent_composition_with_core_guidance_nodes(harness, tiny, other):
+    before = run_ksampler(harness, tiny, patches=[other, reg_patch()], steps=2)
+    after = run_ksampler(harness, tiny, patches=[reg_patch(), other], steps=2)
+    without = run_ksampler(harness, tiny, patches=[other], steps=2)
+    assert torch.allclose(before, after, atol=1e-6)
+    assert not torch.allclose(before, without, atol=1e-4)
+
+
+def test_reg_uses_true_cond_when_apg_rewrites_it(harness, tiny):
+    """One step with APG upstream: REG must rectify D_APG − D_c with the true D_c, not APG's rewritten cond."""
+    apg = ("APG", {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0})
+    cfg = 3.0
+    got = run_ksampler(harness, tiny, patches=[apg, reg_patch()], steps=1, cfg=cfg)
+    # With these settings ComfyUI's APG at cfg s is CFG at s + 1, so REG on top equals REG on plain CFG at s + 1.
+    want, _ = reference_one_step(tiny, "sd15", cfg + 1)
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_ksampler_and_sampler_custom_advanced_agree(harness, tiny):
+    g = harness.graph()
+    inp = sd15_inputs(g, tiny)
+    patched = g.node("REGGuidance", model=inp.model, **REG).out(0)
+    node = custom_advanced(g, inp, model=patched, steps=2)
+    advanced = harness.run(g).latent(node)
+    assert torch.allclose(advanced, run_ksampler(harness, tiny, patches=[reg_patch()], steps=2), atol=1e-6)
+
+
+def guider_latent(harness, tiny, *, cfg=5.0, base="cfg", family="sd15", **overrides):
+    g = harness.graph()
+    inp = (sd15_inputs if family == "sd15" else sd3_inputs)(g, tiny)
+    inputs = {
+        "cfg": cfg,
+        "base": base,
+        "eta": 1.0,
+        "norm_threshold": 5.0,
+        "momentum": 0.0,
+        "pag_scale": 3.0,
+        **REG,
+        **SCHEDULE,
+        "progress": "steps",
+    }
+    inputs.update(overrides)
+    guider = g.node("REGGuider", model=inp.model, positive=inp.positive, negative=inp.negative, **inputs).out(0)
+    node = custom_advanced(g, inp, guider=guider, steps=2)
+    return harness.run(g).latent(node)
+
+
+def test_reg_guider_cfg_matches_the_model_patch(harness, tiny):
+    assert torch.allclose(guider_latent(harness, tiny), run_ksampler(harness, tiny, patches=[reg_patch()]), atol=1e-6)
+    flow = run_ksampler(harness, tiny, family="sd3", patches=[reg_patch()])
+    assert torch.allclose(guider_latent(harness, tiny, family="sd3"), flow, atol=1e-6)
+
+
+def test_reg_guider_apg_neutral_equals_cfg_plus_one(harness, tiny):
+    apg = guider_latent(harness, tiny, cfg=3.0, base="apg", norm_threshold=0.0)
+    cfg = guider_latent(harness, tiny, cfg=4.0)
+    assert torch.allclose(apg, cfg, atol=1e-4)
+
+
+def test_reg_guider_pag_matches_core_pag_node_under_reg(harness, tiny):
+    ours = guider_latent(harness, tiny, base="pag", pag_scale=2.0)
+    core = run_ksampler(harness, tiny, patches=[("PerturbedAttentionGuidance", {"scale": 2.0}), reg_patch()])
+    assert torch.allclose(ours, core, atol=1e-5)
+    assert not torch.allclose(ours, guider_latent(harness, tiny), atol=1e-4)
+
+
+def test_schedule_interval_outside_all_steps_is_conditional_only(harness, tiny):
+    cond_only = run_ksampler(harness, tiny, steps=2, cfg=1.0)
+    sched = (
+        "REGGuidanceSchedule",
+        {**SCHEDULE, "schedule": "interval", "sigma_low": 500.0, "sigma_high": 1000.0, "progress": "steps"},
+    )
+    assert torch.equal(run_ksampler(harness, tiny, patches=[sched, reg_patch()], steps=2), cond_only)
+
+
+def test_schedule_linear_to_the_same_cfg_equals_constant(harness, tiny):
+    sched = ("REGGuidanceSchedule", {**SCHEDULE, "schedule": "linear", "end_cfg": 5.0, "progress": "steps"})
+    constant = run_ksampler(harness, tiny, patches=[reg_patch()], steps=2, cfg=5.0)
+    assert torch.allclose(
+        run_ksampler(harness, tiny, patches=[sched, reg_patch()], steps=2, cfg=5.0), constant, atol=1e-6
+    )
+    ramp = ("REGGuidanceSchedule", {**SCHEDULE, "schedule": "linear", "end_cfg": 1.0, "progress": "steps"})
+    assert not torch.allclose(run_ksampler(harness, tiny, patches=[ramp, reg_patch()], steps=2, cfg=5.0), constant)
+
+
+def test_window_outside_all_steps_leaves_guidance_unchanged(harness, tiny):
+    plain = run_ksampler(harness, tiny, steps=2)
+    # A zero-width window at the very start (percent 0 maps to σ = 1e9) contains no sampling step.
+    empty = reg_patch(start_percent=0.0, end_percent=0.0)
+    assert torch.equal(run_ksampler(harness, tiny, patches=[empty], steps=2), plain)
+
+
+def test_bad_window_is_a_clear_error(harness, tiny):
+    from comfy_harness import PromptExecutionError
+
+    with pytest.raises(PromptExecutionError, match="start_percent"):
+        run_ksampler(harness, tiny, patches=[reg_patch(start_percent=0.8, end_percent=0.2)], steps=1)
+
+
+# --- direct sampler calls: fallback, interrupt, repeated runs (the same code path the executor uses) ---
+
+
+def _sample(model, positive, negative, *, seed=3, steps=2, cfg=5.0, callback=None):
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, 4, 4)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(
+            model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed, callback=callback
+        )
+
+
+def _patched(model, **settings):
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS["REGGuidance"].execute(model, **{**REG, **settings}).result[0]
+
+
+def test_fallback_to_gradient_free_when_autograd_is_impossible(tiny, reg_pack, caplog):
+    from comfy.patcher_extension import WrappersMP
+
+    model, positive, negative, _ = load_family(tiny, "sd15")
+
+    def no_grad_forward(executor, *args, **kwargs):
+        with torch.no_grad():
+            return executor(*args, **kwargs)
+
+    broken = _patched(model)
+    broken.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_no_grad", no_grad_forward)
+    with caplog.at_level(logging.WARNING, logger="reg_guidance"):
+        fallback = _sample(broken, positive, negative, steps=3)
+    warnings = [r for r in caplog.records if r.name == "reg_guidance" and "gradient-free" in r.getMessage()]
+    assert len(warnings) == 1
+    gradient_free = _sample(_patched(model, estimator="gradient-free"), positive, negative, steps=3)
+    assert torch.equal(fallback, gradient_free)
+    assert not torch.equal(gradient_free, _sample(model, positive, negative, steps=3))
+
+
+def test_interrupt_mid_run_leaves_no_state_and_next_run_is_clean(tiny, reg_pack):
+    import comfy.model_management
+
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    patched = _patched(model)
+
+    def interrupt(step, *args):
+        if step == 1:
+            comfy.model_management.interrupt_current_processing(True)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _sample(patched, positive, negative, steps=3, callback=interrupt)
+    patch = patched.get_wrappers("outer_sample", "reg_guidance")[0].__self__
+    assert patch.run is None
+    assert torch.equal(
+        _sample(patched, positive, negative, steps=3), _sample(_patched(model), positive, negative, steps=3)
+    )
+
+
+def test_repeated_runs_do_not_grow_memory(tiny, reg_pack):
+    import gc
+
+    import psutil
+
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    patched = _patched(model)
+    rss = []
+    for seed in range(5):
+        _sample(patched, positive, negative, seed=seed, steps=2)
+        gc.collect()
+        rss.append(psutil.Process().memory_info().rss)
+    assert rss[-1] - rss[1] < 64 * 2**20, [r // 2**20 for r in rss]
