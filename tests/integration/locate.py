@@ -30,7 +30,10 @@ def find_comfyui() -> tuple[Path | None, str]:
     for path in (REPO.parent.parent, Path.home() / "ComfyUI"):
         if _is_comfyui(path):
             return path, ""
-    return None, "ComfyUI not found (set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes/, or keep a checkout in ~/ComfyUI)"
+    return None, (
+        "ComfyUI not found (set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes/, "
+        "or keep a checkout in ~/ComfyUI)"
+    )
 
 
 def find_interpreter(comfyui: Path) -> tuple[str | None, str]:
