@@ -1,0 +1,280 @@
+"""Tiny random-weight models for the integration tests, built with ComfyUI's own model classes.
+
+Nothing can be downloaded, so every model the tests load is generated here once per cache directory (``tests/.models/``,
+gitignored) and reused by later sessions. The recipe follows docs/comfyui-integration.md §8:
+
+* ``checkpoints/tiny_sd15.safetensors``: tiny SD1.5 EPS UNet (36.7M params) + random TAESD as the VAE + full-size
+  random CLIP-L, loadable by ``CheckpointLoaderSimple`` and detected as ``SD15``.
+* ``diffusion_models/tiny_sd3_mmdit.safetensors``: depth-2 MMDiT (hidden 128, 2 heads), detected as ``SD3``
+  (CONST flow).
+* ``text_encoders/tiny_rand_clip_l.safetensors``: the same random CLIP-L, for ``CLIPLoader(type="sd3")``.
+* ``vae_approx/taesd3_{encoder,decoder}.safetensors``: random 16-channel TAESD, listed as ``taesd3`` by ``VAELoader``.
+
+Weights are deterministic: every tensor comes from a generator seeded per component, in sorted key order.
+Initialisation: every 1-D ``*.weight`` (norm scales) is 1 (``comfy.ops`` skips ``reset_parameters``, and a zero
+GroupNorm scale makes the UNet output constant), other 1-D tensors (biases) are N(0, 0.02²), and tensors with ≥ 2 dims
+are N(0, 1/fan_in) so activations keep their scale through the random network. Tensors are stored in fp16 like real
+checkpoints; ComfyUI casts them to its inference dtype when loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Bump when the recipe changes: caches built by an older recipe are rebuilt.
+RECIPE_VERSION = 1
+
+SD15_CHECKPOINT = "tiny_sd15.safetensors"
+SD3_MMDIT = "tiny_sd3_mmdit.safetensors"
+CLIP_L = "tiny_rand_clip_l.safetensors"
+TAESD3 = "taesd3"  # the VAELoader name; files are taesd3_{encoder,decoder}.safetensors
+
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 1],
+    "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "adm_in_channels": None,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+# What comfy.model_detection.detect_unet_config reads back from the MMDiT keys (hidden = 64 * depth).
+SD3_UNET_CONFIG = {
+    "in_channels": 16,
+    "patch_size": 2,
+    "out_channels": 16,
+    "depth": 2,
+    "input_size": None,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    "num_patches": 1024,  # pos_embed covers latents up to 64x64
+    "pos_embed_max_size": 32,
+    "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
+}
+
+SEEDS = {"sd15_unet": 1501, "clip_l": 7680, "taesd": 4004, "taesd3": 1616, "sd3_mmdit": 3003}
+STORE_DTYPE = torch.float16
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
+    return {name: tensor.shape for name, tensor in module.state_dict().items()}
+
+
+def _meta(build: Callable[[], torch.nn.Module]) -> dict[str, torch.Size]:
+    """Key -> shape of a module constructed on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return _shapes(build())
+
+
+def randomise(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic random tensors for ``shapes`` (see the module docstring for the init rule)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        if len(shape) == 1 and name.endswith(".weight"):
+            tensor = torch.ones(shape)
+        elif len(shape) <= 1:
+            tensor = torch.randn(shape, generator=gen) * 0.02
+        else:
+            fan_in = math.prod(shape[1:])
+            tensor = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+        out[name] = tensor.to(STORE_DTYPE)
+    return out
+
+
+def _sd15_unet() -> dict[str, torch.Tensor]:
+    import comfy.supported_models
+
+    def build():
+        config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
+        config.set_inference_dtype(torch.float32, None)
+        return config.get_model({}).diffusion_model
+
+    return randomise(_meta(build), SEEDS["sd15_unet"])
+
+
+def _sd3_mmdit() -> dict[str, torch.Tensor]:
+    import comfy.supported_models
+
+    def build():
+        config = comfy.supported_models.SD3(dict(SD3_UNET_CONFIG))
+        config.set_inference_dtype(torch.float32, None)
+        return config.get_model({}).diffusion_model
+
+    return randomise(_meta(build), SEEDS["sd3_mmdit"])
+
+
+def _clip_l() -> dict[str, torch.Tensor]:
+    """Full-size CLIP-L text model (keys ``text_model.*`` + ``text_projection.weight``); its size is fixed."""
+    import comfy.clip_model
+    import comfy.ops
+
+    config_path = Path(comfy.clip_model.__file__).with_name("sd1_clip_config.json")
+    config = json.loads(config_path.read_text())
+
+    def build():
+        return comfy.clip_model.CLIPTextModel(config, torch.float32, None, comfy.ops.disable_weight_init)
+
+    return randomise(_meta(build), SEEDS["clip_l"])
+
+
+def _taesd(latent_channels: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random TAESD encoder and decoder state dicts (without the ``taesd_encoder.`` / ``taesd_decoder.`` prefixes)."""
+    import comfy.taesd.taesd as taesd
+
+    encoder = randomise(_meta(lambda: taesd.Encoder(latent_channels)), seed)
+    decoder = randomise(_meta(lambda: taesd.Decoder(latent_channels)), seed + 1)
+    return encoder, decoder
+
+
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _check_detection(state: dict[str, torch.Tensor], prefix: str, expected: str) -> None:
+    """Fail the build if ComfyUI would not detect ``state`` as ``expected`` (guards against recipe drift)."""
+    import comfy.model_detection
+
+    config = comfy.model_detection.model_config_from_unet(state, prefix)
+    found = type(config).__name__ if config is not None else None
+    if found != expected:
+        raise RuntimeError(f"tiny model detected as {found}, expected {expected}")
+
+
+def _save(path: Path, state: dict[str, torch.Tensor]) -> None:
+    import safetensors.torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def expected_files() -> list[str]:
+    return [
+        f"checkpoints/{SD15_CHECKPOINT}",
+        f"diffusion_models/{SD3_MMDIT}",
+        f"text_encoders/{CLIP_L}",
+        f"vae_approx/{TAESD3}_encoder.safetensors",
+        f"vae_approx/{TAESD3}_decoder.safetensors",
+    ]
+
+
+def _write_all(root: Path) -> None:
+    clip = _clip_l()
+    unet = _sd15_unet()
+    taesd_enc, taesd_dec = _taesd(4, SEEDS["taesd"])
+    checkpoint = {
+        **_prefixed("model.diffusion_model.", unet),
+        **_prefixed("first_stage_model.taesd_encoder.", taesd_enc),
+        **_prefixed("first_stage_model.taesd_decoder.", taesd_dec),
+        "first_stage_model.vae_scale": torch.tensor(0.18215),
+        **_prefixed("cond_stage_model.transformer.", {k: v for k, v in clip.items() if k.startswith("text_model.")}),
+    }
+    _check_detection(checkpoint, "model.diffusion_model.", "SD15")
+    _save(root / "checkpoints" / SD15_CHECKPOINT, checkpoint)
+    del checkpoint, unet
+
+    mmdit = _sd3_mmdit()
+    _check_detection(mmdit, "", "SD3")
+    _save(root / "diffusion_models" / SD3_MMDIT, mmdit)
+    _save(root / "text_encoders" / CLIP_L, clip)
+
+    enc3, dec3 = _taesd(16, SEEDS["taesd3"])
+    _save(root / "vae_approx" / f"{TAESD3}_encoder.safetensors", enc3)
+    _save(root / "vae_approx" / f"{TAESD3}_decoder.safetensors", dec3)
+
+
+def _manifest_ok(root: Path) -> bool:
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("recipe") != RECIPE_VERSION or manifest.get("torch") != torch.__version__:
+        return False
+    sizes = manifest.get("files", {})
+    return all((root / rel).is_file() and (root / rel).stat().st_size == sizes.get(rel) for rel in expected_files())
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Serialise builds of one cache directory across concurrent test sessions."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_models(root: Path) -> float:
+    """Build the tiny models under ``root`` unless a complete cache of this recipe exists.
+
+    Returns the build time in seconds (0.0 when the cache was reused).
+    """
+    with _locked(root):
+        if _manifest_ok(root):
+            return 0.0
+        start = time.perf_counter()
+        log.info("building tiny test models in %s", root)
+        _write_all(root)
+        files = {rel: (root / rel).stat().st_size for rel in expected_files()}
+        manifest = {"recipe": RECIPE_VERSION, "torch": torch.__version__, "files": files}
+        (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        elapsed = time.perf_counter() - start
+        log.info("built tiny test models in %.1f s", elapsed)
+        return elapsed
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Names of the tiny models as the loader nodes list them, and where they live."""
+
+    root: Path
+    build_seconds: float  # 0.0 when an existing cache was reused
+    sd15_checkpoint: str = SD15_CHECKPOINT  # CheckpointLoaderSimple: SD15 (EPS) + TAESD + CLIP-L
+    sd3_unet: str = SD3_MMDIT  # UNETLoader: SD3 MMDiT (CONST flow)
+    clip_l: str = CLIP_L  # CLIPLoader(type="sd3")
+    sd3_vae: str = TAESD3  # VAELoader
+
+
+def prepare(root: Path) -> TinyModels:
+    """Build the models if needed and register them with ComfyUI."""
+    seconds = ensure_models(root)
+    register(root)
+    return TinyModels(root=root, build_seconds=seconds)
+
+
+def register(root: Path) -> None:
+    """Make the models visible to ComfyUI's loader nodes (first in each folder's search list)."""
+    import folder_paths
+
+    for kind in ("checkpoints", "diffusion_models", "text_encoders", "vae_approx"):
+        folder_paths.add_model_folder_path(kind, str(root / kind), is_default=True)
