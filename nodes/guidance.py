@@ -68,6 +68,14 @@ def reg_inputs() -> list[io.Input]:
             step=0.01,
             tooltip="Where REG stops acting, as a fraction of the model's timestep range. 1.0 = until the end.",
         ),
+        io.Int.Input(
+            "refresh_every",
+            default=1,
+            min=1,
+            max=100,
+            tooltip="Estimate M on every k-th model evaluation inside the window and reuse the last M in between "
+            "(cheaper, approximate; 1 = the paper). Not available with the chain estimator.",
+        ),
     ]
 
 
@@ -126,9 +134,15 @@ def schedule_inputs() -> list[io.Input]:
     ]
 
 
-def _settings(strength: float, estimator: str, start_percent: float, end_percent: float) -> REGSettings:
+def _settings(
+    strength: float, estimator: str, start_percent: float, end_percent: float, refresh_every: int
+) -> REGSettings:
     return REGSettings(
-        strength=strength, estimator=Estimator(estimator), start_percent=start_percent, end_percent=end_percent
+        strength=strength,
+        estimator=Estimator(estimator),
+        start_percent=start_percent,
+        end_percent=end_percent,
+        refresh_every=refresh_every,
     )
 
 
@@ -164,8 +178,8 @@ class REGGuidance(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, strength, estimator, start_percent, end_percent) -> io.NodeOutput:
-        patch = REGPatch(_settings(strength, estimator, start_percent, end_percent))
+    def execute(cls, model, strength, estimator, start_percent, end_percent, refresh_every) -> io.NodeOutput:
+        patch = REGPatch(_settings(strength, estimator, start_percent, end_percent, refresh_every))
         m = model.clone()
         if m.get_wrappers(WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
             log.info("REGGuidance: replacing the REG settings already on this model.")
@@ -213,6 +227,7 @@ class REGCFGGuider(comfy.samplers.CFGGuider):
                 "Connect the model without REGGuidance, or use REGGuidance with a plain CFGGuider."
             )
         self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
+        self.reg = reg
         self.apg = apg
         add = wrapper_adder(self.model_options)
         reg.install(add)
@@ -318,6 +333,7 @@ class REGGuider(io.ComfyNode):
         estimator,
         start_percent,
         end_percent,
+        refresh_every,
         schedule,
         end_cfg,
         sigma_low,
@@ -325,7 +341,7 @@ class REGGuider(io.ComfyNode):
         exponent,
         progress,
     ) -> io.NodeOutput:
-        reg = REGPatch(_settings(strength, estimator, start_percent, end_percent))
+        reg = REGPatch(_settings(strength, estimator, start_percent, end_percent, refresh_every))
         sched = _schedule(schedule, end_cfg, sigma_low, sigma_high, exponent, progress)
         schedule_patch = SchedulePatch(sched) if sched.schedule is not Schedule.CONSTANT else None
         apg = APG(eta=eta, norm_threshold=norm_threshold, momentum=momentum) if base == "apg" else None

@@ -29,7 +29,8 @@ import comfy.samplers
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from ..reg_core import guidance, rectify, schedules
+from ..reg_core import diagnostics, guidance, rectify, schedules
+from ..reg_core.diagnostics import RunRecord, StepRecord
 from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from ..reg_core.schedules import Progress, Schedule
@@ -53,8 +54,16 @@ class REGSettings:
     estimator: Estimator = Estimator.VJP
     start_percent: float = 0.0
     end_percent: float = 1.0
+    refresh_every: int = 1
 
     def validate(self) -> None:
+        if self.refresh_every < 1:
+            raise REGConfigError(f"refresh_every must be at least 1, got {self.refresh_every}.")
+        if self.refresh_every > 1 and self.estimator is Estimator.CHAIN:
+            raise REGConfigError(
+                "refresh_every > 1 reuses M between evaluations, but the chain estimator has no reusable M "
+                "(it multiplies the Jacobian by each step's own guidance). Use refresh_every = 1 or another estimator."
+            )
         if not 0.0 <= self.start_percent <= 1.0 or not 0.0 <= self.end_percent <= 1.0:
             raise REGConfigError(
                 f"start_percent ({self.start_percent}) and end_percent ({self.end_percent}) must lie in [0, 1]."
@@ -90,6 +99,9 @@ class REGRun:
     prepared: bool = False
     tracing: bool = False
     step: StepCapture | None = None
+    evaluations: int = 0
+    last_m: torch.Tensor | None = None
+    record: RunRecord | None = None
 
     def in_window(self, sigma: torch.Tensor) -> bool:
         """Whether REG acts at this σ (``start/end_percent`` mapped through the model's ``percent_to_sigma``)."""
@@ -179,6 +191,7 @@ class REGPatch:
         settings.validate()
         self.settings = settings
         self.run: REGRun | None = None
+        self.last_record: RunRecord | None = None
 
     def install(self, add_wrapper: AddWrapper) -> None:
         """Register the keyed wrappers with ``add_wrapper(type, key, fn)`` (see :func:`wrapper_adder`)."""
@@ -200,6 +213,8 @@ class REGPatch:
             sigma_low=float(sampling.percent_to_sigma(self.settings.end_percent)),
             estimator=estimator,
         )
+        run.record = RunRecord(run.sigma_low, run.sigma_high, flow, estimator.value)
+        self.last_record = run.record
         wrappers = guider.model_options.get("transformer_options", {}).get("wrappers", {})
         caches = sorted({key for per_type in wrappers.values() for key in per_type if key in CACHE_WRAPPER_KEYS})
         if caches and estimator is not Estimator.GRADIENT_FREE:
@@ -215,16 +230,19 @@ class REGPatch:
 
     def predict_noise(self, executor, x, timestep, model_options, seed):
         run = self.run
-        if run is None or self.settings.strength == 0 or not run.in_window(timestep):
+        if run is None or self.settings.strength == 0:
+            return executor(x, timestep, model_options, seed)
+        if not run.in_window(timestep):
+            run.record.steps.append(StepRecord(sigma=timestep.detach().clone(), active=False))
             return executor(x, timestep, model_options, seed)
         run.step = StepCapture()
         try:
             d_final = executor(x, timestep, model_options, seed)
-            return self._rectify(run, run.step, d_final)
+            return self._rectify(run, run.step, d_final, timestep)
         finally:
             run.step = None
 
-    def _rectify(self, run: REGRun, cap: StepCapture, d_final: torch.Tensor) -> torch.Tensor:
+    def _rectify(self, run: REGRun, cap: StepCapture, d_final: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         strength = self.settings.strength
         if cap.graph is not None:
             d_graph, leaf = cap.graph
@@ -232,10 +250,22 @@ class REGPatch:
             with torch.inference_mode(False), torch.enable_grad():
                 delta = (d_final - cap.d_c).clone()
                 jt_delta = rectify.chain_product(d_graph, leaf, delta)
-            return rectify.rectify_chain(cap.d_c, d_final, jt_delta, cap.factor, strength)
-        if cap.d_c is None or cap.m is None:
+            result = rectify.rectify_chain(cap.d_c, d_final, jt_delta, cap.factor, strength)
+        elif cap.d_c is None or cap.m is None:
+            run.record.steps.append(StepRecord(sigma=sigma.detach().clone(), active=False))
             return d_final
-        return rectify.rectify(cap.d_c, d_final, cap.m, strength)
+        else:
+            result = rectify.rectify(cap.d_c, d_final, cap.m, strength)
+        delta = d_final - cap.d_c
+        run.record.steps.append(
+            StepRecord(
+                sigma=sigma.detach().clone(),
+                active=True,
+                stats=diagnostics.step_statistics(cap.m, delta, result - cap.d_c),
+                m_map=None if cap.m is None else diagnostics.downsample_map(cap.m.expand_as(delta)),
+            )
+        )
+        return result
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         run = self.run
@@ -246,6 +276,18 @@ class REGPatch:
         if len(conds) < 2 or conds[0] is None or conds[1] is None:
             return executor(model, conds, x_in, timestep, model_options)  # cfg = 1: no guidance to rectify
         cap.factor = rectify.flow_factor(timestep, x_in, run.flow)
+        run.evaluations += 1
+        k = self.settings.refresh_every
+        if k > 1 and (run.evaluations - 1) % k != 0 and run.last_m is not None and run.last_m.shape == x_in.shape:
+            out = executor(model, conds, x_in, timestep, model_options)
+            cap.d_c, cap.m = out[0], run.last_m
+            return out
+        out = self._fresh(run, cap, executor, model, conds, x_in, timestep, model_options)
+        run.last_m = cap.m
+        return out
+
+    def _fresh(self, run, cap, executor, model, conds, x_in, timestep, model_options):
+        """The main pass with a newly estimated M (exact, or gradient-free after a fallback)."""
         if run.estimator is not Estimator.GRADIENT_FREE:
             try:
                 return self._exact(run, cap, executor, model, conds, x_in, timestep, model_options)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from prompts import NEGATIVE, POSITIVE, custom_advanced, ksampler, sd3_inputs, sd15_inputs
 
-REG = {"strength": 1.0, "estimator": "vjp", "start_percent": 0.0, "end_percent": 1.0}
+REG = {"strength": 1.0, "estimator": "vjp", "start_percent": 0.0, "end_percent": 1.0, "refresh_every": 1}
 SCHEDULE = {"schedule": "constant", "end_cfg": 1.0, "sigma_low": 0.28, "sigma_high": 2.9, "exponent": 1.0}
 
 
