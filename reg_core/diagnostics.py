@@ -3,8 +3,9 @@
 For one sampling step with guidance delta ``Δ = D_guided − D_c`` and applied correction ``C = D_REG − D_c``
 (``= M_λ ⊙ Δ`` for the column-sum estimators, reg_core.rectify), the statistics per sample are: the mean and the
 5/50/95th percentiles of M over all elements, the fractions of elements with ``M < 0`` (guidance reversed) and
-``M > 1`` (guidance amplified), and the norm ratio ``‖C‖/‖Δ‖`` (how much of the guidance REG kept: < 1 removed,
-> 1 added). Everything stays on the tensors' device (no host synchronisation) until read.
+``M > 1`` (guidance amplified), both beyond a margin of ``FRACTION_MARGIN`` so that rounding noise around 0 and 1
+does not count, and the norm ratio ``‖C‖/‖Δ‖`` (how much of the guidance REG kept: < 1 removed, > 1 added; NaN when
+there is no guidance, ``Δ = 0``). Everything stays on the tensors' device (no host synchronisation) until read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from . import render
 
 STAT_NAMES = ("mean", "p05", "p50", "p95", "frac_neg", "frac_gt1", "norm_ratio")
 MAP_SIDE = 48
+FRACTION_MARGIN = 1e-3
 
 
 def downsample_map(m: Tensor, max_side: int = MAP_SIDE) -> Tensor:
@@ -40,22 +42,23 @@ def step_statistics(m: Tensor | None, delta: Tensor, correction: Tensor) -> dict
     """Per-sample statistics ``[B]`` of one step (module docstring); M's entries are NaN when ``m`` is None."""
     dims = list(range(1, delta.ndim))
     dnorm = delta.float().flatten(1).norm(dim=1)
-    ratio = correction.float().flatten(1).norm(dim=1) / dnorm.clamp_min(torch.finfo(torch.float32).tiny)
+    ratio = correction.float().flatten(1).norm(dim=1) / dnorm
+    ratio = torch.where(dnorm > 0, ratio, torch.full_like(ratio, float("nan")))
     stats = {"norm_ratio": ratio}
     if m is None:
         nan = torch.full_like(ratio, float("nan"))
         stats.update({name: nan for name in STAT_NAMES if name != "norm_ratio"})
         return stats
     flat = m.float().expand_as(delta).flatten(1)
-    q = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95], device=flat.device), dim=1)
+    q = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95], dtype=flat.dtype, device=flat.device), dim=1)
     stats.update(
         {
             "mean": flat.mean(1),
             "p05": q[0],
             "p50": q[1],
             "p95": q[2],
-            "frac_neg": (m < 0).float().expand_as(delta).mean(dim=dims),
-            "frac_gt1": (m > 1).float().expand_as(delta).mean(dim=dims),
+            "frac_neg": (m < -FRACTION_MARGIN).float().expand_as(delta).mean(dim=dims),
+            "frac_gt1": (m > 1 + FRACTION_MARGIN).float().expand_as(delta).mean(dim=dims),
         }
     )
     return stats

@@ -68,8 +68,8 @@ class GaussianMixture:
         Returns responsibilities ``[N, K]``, means ``[N, K, d]`` and covariances ``[K, d, d]``. Component k has mean
         ``μ_k + Σ_k(Σ_k+σ²I)⁻¹(x−μ_k)`` and covariance ``Σ_k − Σ_k(Σ_k+σ²I)⁻¹Σ_k`` (Gaussian conditioning).
         """
-        noised, _ = self._components(sigma)
-        gain = torch.linalg.solve(noised, self.covs).transpose(-1, -2)  # Σ_k (Σ_k+σ²I)⁻¹ (symmetric matrices)
+        _, chol = self._components(sigma)
+        gain = torch.cholesky_solve(self.covs, chol).transpose(-1, -2)  # Σ_k (Σ_k+σ²I)⁻¹ (symmetric matrices)
         resp = torch.softmax(self._component_log_probs(x, sigma), dim=-1)
         diff = x[:, None, :] - self.means[None]
         means = self.means[None] + torch.einsum("kij,nkj->nki", gain, diff)
@@ -282,3 +282,27 @@ def flow_denoiser(mixture: GaussianMixture) -> Callable[[Tensor, float], Tensor]
         return mixture.denoise(x / (1 - sigma), sigma / (1 - sigma))
 
     return denoise
+
+
+def make_image_toy(side: int = 16, length_scale: float = 2.5, dtype: torch.dtype = torch.float64) -> ConditionalToy:
+    """A toy of ``side × side`` one-channel "images": two classes of smooth Gaussian fields (d = side²).
+
+    Class 0 (the condition) has a bright disc as its mean, class 1 a bright bar; both share a squared-exponential
+    covariance (std 0.5, ``length_scale`` pixels) plus a little white noise. The denoiser is linear per class, so
+    M = ∇_x Σ D_c is exact, and for the single-Gaussian condition it is ``(Σ + σ²I)⁻¹Σ𝟙``: a spatial map that goes
+    from 0 (high noise) to 1 (low noise), lower at the borders where pixels have fewer correlated neighbours.
+    """
+    coords = torch.arange(side, dtype=dtype)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    points = torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=-1)
+    dist2 = ((points[:, None, :] - points[None, :, :]) ** 2).sum(-1)
+    cov = 0.25 * torch.exp(-dist2 / (2 * length_scale**2)) + 0.01 * torch.eye(side * side, dtype=dtype)
+    centre = (side - 1) / 2
+    disc = (((yy - centre) ** 2 + (xx - centre) ** 2) < (side / 4) ** 2).to(dtype).reshape(-1) - 0.5
+    bar = ((xx - centre).abs() < side / 8).to(dtype).reshape(-1) - 0.5
+
+    def single(mean: Tensor) -> GaussianMixture:
+        return GaussianMixture(torch.ones(1, dtype=dtype), mean[None], cov[None])
+
+    cond, other = single(disc), single(bar)
+    return ConditionalToy(cond=cond, uncond=mixture_of([cond, other], torch.tensor([0.5, 0.5], dtype=dtype)))

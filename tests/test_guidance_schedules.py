@@ -10,7 +10,7 @@ import torch
 from reg_core import guidance, schedules
 from reg_core.schedules import Progress, Schedule
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def tensors(seed: int, n: int = 2, shape: tuple[int, ...] = (2, 4, 6, 6)) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from reg_core import rectify, toy
 from reg_core.rectify import Estimator
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def random_net(d: int, seed: int) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import torch
 
 from reg_core import toy, toy_demo
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_denoiser_is_tweedie_posterior_mean() -> None:

@@ -28,8 +28,8 @@ def m_stats(m):
         "p05": q[0],
         "p50": q[1],
         "p95": q[2],
-        "frac_neg": (flat < 0).double().mean(1),
-        "frac_gt1": (flat > 1).double().mean(1),
+        "frac_neg": (flat < -1e-3).double().mean(1),
+        "frac_gt1": (flat > 1 + 1e-3).double().mean(1),
     }
 
 

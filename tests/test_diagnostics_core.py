@@ -1,0 +1,55 @@
+"""reg_core.diagnostics: per-step statistics, map pooling and rendering."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from reg_core import diagnostics, toy_demo
+
+
+def test_statistics_per_sample_against_direct_formulas() -> None:
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64) * 0.8 + 0.7
+    delta = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    stats = diagnostics.step_statistics(m, delta, m * delta)
+    for b in range(2):
+        flat = m[b].flatten().float()
+        assert math.isclose(float(stats["mean"][b]), float(flat.mean()), rel_tol=1e-6)
+        assert math.isclose(float(stats["p50"][b]), float(flat.quantile(0.5)), rel_tol=1e-6)
+        assert math.isclose(float(stats["frac_neg"][b]), float((flat < -1e-3).float().mean()), rel_tol=1e-6)
+        assert math.isclose(float(stats["frac_gt1"][b]), float((flat > 1.001).float().mean()), rel_tol=1e-6)
+        ratio = float((m[b] * delta[b]).norm() / delta[b].norm())
+        assert math.isclose(float(stats["norm_ratio"][b]), ratio, rel_tol=1e-5)
+
+
+def test_rounding_noise_is_not_counted_and_zero_guidance_has_no_ratio() -> None:
+    m = torch.ones(1, 1, 4, 4) + 1e-7
+    stats = diagnostics.step_statistics(m, torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    assert float(stats["frac_gt1"][0]) == 0.0
+    assert math.isnan(float(stats["norm_ratio"][0]))
+    chain = diagnostics.step_statistics(None, torch.ones(1, 1, 4, 4), 0.5 * torch.ones(1, 1, 4, 4))
+    assert math.isnan(float(chain["mean"][0])) and float(chain["norm_ratio"][0]) == 0.5
+
+
+def test_maps_are_pooled_to_a_bounded_size_and_video_frames_averaged() -> None:
+    m = torch.arange(2 * 4 * 96 * 64, dtype=torch.float32).reshape(2, 4, 96, 64)
+    pooled = diagnostics.downsample_map(m)
+    assert pooled.shape == (2, 4, 48, 32)
+    assert torch.allclose(pooled[0, 0, 0, 0], m[0, 0, :2, :2].mean())
+    video = torch.ones(1, 16, 3, 10, 10) * torch.tensor([1.0, 2.0, 3.0]).reshape(1, 1, 3, 1, 1)
+    assert torch.allclose(diagnostics.downsample_map(video), torch.full((1, 16, 10, 10), 2.0))
+
+
+def test_image_toy_record_goes_from_no_guidance_to_cfg_and_renders() -> None:
+    record = toy_demo.image_toy_record(3.0, 6, torch.Generator().manual_seed(1))
+    means = [float(step.stats["mean"][0]) for step in record.steps]
+    assert means[0] < 0.05 and means[-1] > 0.99  # M → 0 at high noise, → 1 at low noise (reg-math §8)
+    assert all(a <= b + 1e-9 for a, b in itertools.pairwise(means))
+    shown = diagnostics.pick_steps(record, 3)
+    assert shown == [0, 2, 5]
+    image = toy_demo.diagnostics_figure(record)
+    assert image.width > 500 and image.height > 800
+    assert record.to_dict()["steps"][0]["sigma"] == [20.0, 20.0]
