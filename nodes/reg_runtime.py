@@ -283,7 +283,8 @@ class REGPatch:
             cap.d_c, cap.m = out[0], run.last_m
             return out
         out = self._fresh(run, cap, executor, model, conds, x_in, timestep, model_options)
-        run.last_m = cap.m
+        if k > 1:
+            run.last_m = cap.m
         return out
 
     def _fresh(self, run, cap, executor, model, conds, x_in, timestep, model_options):
@@ -292,6 +293,7 @@ class REGPatch:
             try:
                 return self._exact(run, cap, executor, model, conds, x_in, timestep, model_options)
             except (RuntimeError, NotImplementedError) as err:
+                cap.graph, cap.m, cap.d_c = None, None, None  # nothing half-made survives the fallback
                 run.fall_back(str(err).splitlines()[0] if str(err) else type(err).__name__)
         return self._gradient_free(run, cap, executor, model, conds, x_in, timestep, model_options)
 
@@ -304,7 +306,7 @@ class REGPatch:
         """
         out = executor(*args, **kwargs)
         run = self.run
-        if run is not None and run.tracing and not out.requires_grad:
+        if run is not None and run.tracing and isinstance(out, torch.Tensor) and not out.requires_grad:
             raise NoGraphError("the network output carries no gradient")
         return out
 
