@@ -60,16 +60,22 @@ def load_family(tiny, family):
 ONE_STEP = {"sd15": {"denoise": 1.0, "scheduler": "normal"}, "sd3": {"denoise": 0.5, "scheduler": "simple"}}
 
 
-def reference_one_step(tiny, family, cfg, seed=42, batch_size=1, chain=False):
+def reference_one_step(tiny, family, cfg, seed=42, batch_size=1, chain=False, sampling_patch=None):
     """``D_c + a(σ)·∇_xΣD_c ⊙ (D_cfg − D_c)`` for one Euler step to σ = 0 (whose result is the denoised itself).
 
-    With ``chain`` the full chain rule instead: ``D_c + a(σ)·J_{D_c}ᵀ(D_cfg − D_c)``.
+    With ``chain`` the full chain rule instead: ``D_c + a(σ)·J_{D_c}ᵀ(D_cfg − D_c)``. ``sampling_patch`` is a
+    ComfyUI model-sampling node ``(class_type, inputs)`` applied first (e.g. v-prediction).
     """
     import comfy.model_sampling
     import comfy.sample
     import comfy.samplers
 
+    import nodes
+
     model, positive, negative, channels = load_family(tiny, family)
+    if sampling_patch is not None:
+        class_type, inputs = sampling_patch
+        model = nodes.NODE_CLASS_MAPPINGS[class_type]().patch(model, **inputs)[0]
     latent = torch.zeros(batch_size, channels, 4, 4)
     sampling = model.get_model_object("model_sampling")
     flow = isinstance(sampling, comfy.model_sampling.CONST)
@@ -152,6 +158,25 @@ def test_chain_with_refresh_is_a_clear_error(harness, tiny):
 
     with pytest.raises(PromptExecutionError, match="refresh_every"):
         run_ksampler(harness, tiny, patches=[reg_patch(estimator="chain", refresh_every=2)], steps=1)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        ("ModelSamplingDiscrete", {"sampling": "v_prediction", "zsnr": False}),
+        ("ModelSamplingDiscrete", {"sampling": "x0", "zsnr": False}),
+        ("ModelSamplingContinuousEDM", {"sampling": "edm", "sigma_max": 80.0, "sigma_min": 0.002}),
+        ("ModelSamplingContinuousEDM", {"sampling": "v_prediction", "sigma_max": 120.0, "sigma_min": 0.002}),
+    ],
+    ids=["V_PREDICTION", "X0", "EDM", "V_PREDICTION_continuous"],
+)
+def test_one_step_other_model_types(harness, tiny, sampling):
+    """ε, v, x0 and EDM outputs are all converted to D by ComfyUI, and the state is VE: a(σ) = 1 for each."""
+    got = run_ksampler(harness, tiny, patches=[sampling, reg_patch()], steps=1, cfg=4.0)
+    want, m = reference_one_step(tiny, "sd15", 4.0, sampling_patch=sampling)
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-4 * scale
+    assert float((m - 1).abs().mean()) > 1e-3
 
 
 def test_one_step_batch_of_two_is_per_sample(harness, tiny):
