@@ -389,3 +389,15 @@ def test_repeated_runs_do_not_grow_memory(tiny, reg_pack):
         gc.collect()
         rss.append(psutil.Process().memory_info().rss)
     assert rss[-1] - rss[1] < 64 * 2**20, [r // 2**20 for r in rss]
+
+
+@pytest.mark.parametrize("cache", ["EasyCache", "LazyCache"])
+def test_cache_nodes_fall_back_to_gradient_free_with_one_warning(harness, tiny, cache, caplog):
+    cached = (cache, {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False})
+    with caplog.at_level(logging.WARNING, logger="reg_guidance"):
+        got = run_ksampler(harness, tiny, patches=[cached, reg_patch()], steps=4)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "reg_guidance"]
+    assert len(warnings) == 1 and cache.lower() in warnings[0] and "gradient-free" in warnings[0]
+    gradient_free = run_ksampler(harness, tiny, patches=[cached, reg_patch(estimator="gradient-free")], steps=4)
+    assert torch.equal(got, gradient_free)
+    assert torch.isfinite(got).all()
