@@ -22,6 +22,7 @@ from .reg_runtime import (
     ScheduleSettings,
     apg_pre_cfg,
     pag_post_cfg,
+    remove_reg,
     wrapper_adder,
 )
 
@@ -181,10 +182,8 @@ class REGGuidance(io.ComfyNode):
     def execute(cls, model, strength, estimator, start_percent, end_percent, refresh_every) -> io.NodeOutput:
         patch = REGPatch(_settings(strength, estimator, start_percent, end_percent, refresh_every))
         m = model.clone()
-        if m.get_wrappers(WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
+        if remove_reg(m):
             log.info("REGGuidance: replacing the REG settings already on this model.")
-            for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE, WrappersMP.CALC_COND_BATCH):
-                m.remove_wrappers_with_key(kind, WRAPPER_KEY)
         patch.install(wrapper_adder(m))
         return io.NodeOutput(m)
 

@@ -38,6 +38,12 @@ from ..reg_core.schedules import Progress, Schedule
 log = logging.getLogger("reg_guidance")
 
 WRAPPER_KEY = "reg_guidance"
+WRAPPER_KINDS = (
+    WrappersMP.OUTER_SAMPLE,
+    WrappersMP.PREDICT_NOISE,
+    WrappersMP.CALC_COND_BATCH,
+    WrappersMP.DIFFUSION_MODEL,
+)
 CACHE_WRAPPER_KEYS = ("easycache", "lazycache")
 FD_RELATIVE_STEP = 1e-3
 
@@ -162,6 +168,14 @@ CalcExecutor = Callable[..., list[torch.Tensor]]
 AddWrapper = Callable[[str, str, Callable], None]
 
 
+def remove_reg(patcher: Any) -> bool:
+    """Remove every REG wrapper from a ModelPatcher; return whether it had any."""
+    had = bool(patcher.get_wrappers(WrappersMP.PREDICT_NOISE, WRAPPER_KEY))
+    for kind in WRAPPER_KINDS:
+        patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    return had
+
+
 def wrapper_adder(target: Any) -> AddWrapper:
     """``add_wrapper(type, key, fn)`` for a ModelPatcher (its own method) or a ``model_options`` dict."""
     if isinstance(target, dict):
@@ -195,10 +209,12 @@ class REGPatch:
 
     def install(self, add_wrapper: AddWrapper) -> None:
         """Register the keyed wrappers with ``add_wrapper(type, key, fn)`` (see :func:`wrapper_adder`)."""
-        add_wrapper(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self.outer_sample)
-        add_wrapper(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, self.predict_noise)
-        add_wrapper(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, self.calc_cond_batch)
-        add_wrapper(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, self.diffusion_model)
+        for kind, fn in zip(
+            WRAPPER_KINDS,
+            (self.outer_sample, self.predict_noise, self.calc_cond_batch, self.diffusion_model),
+            strict=True,
+        ):
+            add_wrapper(kind, WRAPPER_KEY, fn)
 
     def start_run(self, guider: Any) -> REGRun:
         """Fresh state for a sampling run of ``guider``."""

@@ -21,7 +21,6 @@ import comfy.utils
 import latent_preview
 import numpy as np
 import torch
-from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io, ui
 
 from ..reg_core import clip_score, sweep
@@ -29,7 +28,7 @@ from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from .clip_score import CATEGORY, CLIP_SCORE_MODEL
 from .guidance import reg_inputs
-from .reg_runtime import WRAPPER_KEY, REGPatch, REGSettings, apg_pre_cfg, pag_post_cfg, wrapper_adder
+from .reg_runtime import REGPatch, REGSettings, apg_pre_cfg, pag_post_cfg, remove_reg, wrapper_adder
 
 log = logging.getLogger("reg_guidance")
 
@@ -45,11 +44,8 @@ METHOD_INPUTS = {
 def _strip_reg(model):
     """A clone of ``model`` without REG wrappers, so that the ``cfg`` method really is unrectified."""
     base = model.clone()
-    if base.get_wrappers(WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
+    if remove_reg(base):
         log.info("REGGuidanceSweep: the model is already patched by REGGuidance; the sweep uses its own REG settings.")
-        for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE, WrappersMP.CALC_COND_BATCH):
-            base.remove_wrappers_with_key(kind, WRAPPER_KEY)
-    base.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)  # REGGuidance leaves this one behind
     return base
 
 
