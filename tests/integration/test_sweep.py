@@ -392,3 +392,19 @@ def test_reg_already_on_the_model_is_replaced_by_the_sweeps_own(tiny, reg_pack):
         len(pag_model.model_options["sampler_post_cfg_function"])
         == len(base.model_options.get("sampler_post_cfg_function", [])) + 1
     )
+
+
+def test_schema_category_outputs_and_a_tooltip_on_every_input(reg_pack):
+    import comfy.samplers
+
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS["REGGuidanceSweep"]
+    schema = cls.GET_SCHEMA()
+    assert schema.category == "sampling/guidance/REG/eval" and schema.is_output_node
+    assert [i.id for i in schema.inputs if not i.tooltip] == []
+    inputs = {i.id: i for i in schema.inputs}
+    assert inputs["sampler_name"].options == comfy.samplers.KSampler.SAMPLERS
+    assert inputs["scheduler"].options == comfy.samplers.KSampler.SCHEDULERS
+    assert [o.display_name for o in schema.outputs] == ["plot", "grid", "json"]
+    assert list(cls.RETURN_TYPES) == ["IMAGE", "IMAGE", "STRING"]
