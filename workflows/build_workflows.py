@@ -56,8 +56,12 @@ API_SUFFIX = ".api.json"
 class ModelFile:
     name: str
     directory: str  # ComfyUI models/ sub-folder
-    url: str  # where to download it (shown by the frontend's missing-models dialog)
+    url: str  # where to download it (shown by the frontend's missing-models dialog for single files)
     note: str = ""
+
+    @property
+    def is_folder(self) -> bool:
+        return self.name.endswith("/")
 
 
 SD15 = ModelFile(
@@ -87,6 +91,14 @@ T5XXL = ModelFile(
     "text_encoders",
     "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
     "t5xxl_fp8_e4m3fn.safetensors works too and needs half the memory",
+)
+
+CLIP_SCORE_VIT_B16 = ModelFile(
+    "clip-vit-base-patch16/",
+    "clip_score",
+    "https://huggingface.co/openai/clip-vit-base-patch16",
+    "a folder with config.json, model.safetensors, preprocessor_config.json, vocab.json, merges.txt, "
+    "tokenizer_config.json and special_tokens_map.json from openai/clip-vit-base-patch16, the REG paper's CLIP model",
 )
 
 POSITIVE = "a photograph of an astronaut riding a horse on the moon, earth in the sky, detailed, sharp focus"
@@ -523,6 +535,76 @@ def reg_diagnostics() -> Workflow:
     return Workflow("reg_diagnostics", g, [("reg", "CFG + REG"), ("diag", "REG Diagnostics")], note)
 
 
+@workflow("reg_guidance_sweep")
+def reg_guidance_sweep() -> Workflow:
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", "Load Checkpoint (SD1.5)", models=[SD15], ckpt_name=SD15.name)
+    latent = g.node("EmptyLatentImage", "Empty Latent 512×512", width=512, height=512, batch_size=1)
+    prompt = g.node("PrimitiveStringMultiline", "Prompt (encoded and scored)", value=POSITIVE)
+    scorer = g.node(
+        "REGCLIPScoreLoader",
+        "REG CLIP Score Model Loader",
+        models=[CLIP_SCORE_VIT_B16],
+        model_name=CLIP_SCORE_VIT_B16.name.rstrip("/"),
+        dtype="fp32",
+    )
+    pos = g.node("CLIPTextEncode", "Positive prompt", text=prompt.out(0), clip=ckpt.out(1))
+    neg = g.node("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=ckpt.out(1))
+    sweep = g.node(
+        "REGGuidanceSweep",
+        "REG Guidance Sweep (CLIP score vs cfg)",
+        lane="sweep",
+        model=ckpt.out(0),
+        positive=pos.out(0),
+        negative=neg.out(0),
+        latent_image=latent.out(0),
+        vae=ckpt.out(2),
+        clip_score_model=scorer.out(0),
+        score_prompt=prompt.out(0),
+        seed=SEED,
+        steps=20,
+        sampler_name="euler",
+        scheduler="normal",
+        cfg_values="2, 4, 6, 8",
+        include_cfg=True,
+        include_reg=True,
+        include_apg_reg=False,
+        include_pag_reg=False,
+        strength=1.0,
+        estimator="vjp",
+        start_percent=0.0,
+        end_percent=1.0,
+        refresh_every=1,
+        eta=1.0,
+        norm_threshold=5.0,
+        momentum=0.0,
+        pag_scale=3.0,
+        truncation="torchmetrics",
+    )
+    g.node("PreviewImage", "CLIP score vs cfg", lane="sweep", images=sweep.out(0))
+    g.node("PreviewImage", "Grid: methods × cfg", lane="sweep", images=sweep.out(1))
+    g.node("PreviewAny", "Report (JSON)", lane="sweep", source=sweep.out(2))
+    note = "\n\n".join(
+        [
+            "# REG Guidance Sweep: CLIP score against cfg on your prompt",
+            needs(SD15, CLIP_SCORE_VIT_B16),
+            "The sweep samples the prompt once per method and cfg value with one seed (here CFG and CFG + REG at cfg "
+            "2, 4, 6 and 8: 8 full sampling runs of 20 steps), decodes every image and scores it with the CLIP score "
+            "(torchmetrics' formula: 100 × cosine of the image and caption embeddings). Outputs: the score-vs-cfg "
+            "plot (one curve per method), the grid (rows = methods, columns = cfg, each cell captioned with its "
+            "score) and a JSON report, shown by the Preview Any node.",
+            "The **Prompt** node feeds both the positive text encode and the sweep's `score_prompt`, so each image "
+            "is scored against the caption it was made from. If your prompt uses weights or style tags, disconnect "
+            "`score_prompt` and type a plain caption there.",
+            "Tick `include_apg_reg` / `include_pag_reg` for APG + REG and PAG + REG rows (their settings are on the "
+            "node). The CLIP score of one image is noisy: compare curves over a batch (Empty Latent `batch_size`) or "
+            "several seeds before drawing conclusions.",
+            REG_COST,
+        ]
+    )
+    return Workflow("reg_guidance_sweep", g, [("sweep", "REG Guidance Sweep")], note)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Node definitions, as GET /object_info returns them
 # --------------------------------------------------------------------------------------------------------------------
@@ -650,17 +732,28 @@ SIZE_OVERRIDES = {
     "CLIPTextEncode": (420, 180),
     "SaveImage": (420, 470),
     "PreviewImage": (460, 330),
+    "PrimitiveStringMultiline": (420, 180),
+    "PreviewAny": (420, 260),
     "MarkdownNote": (NOTE_WIDTH, 0),
 }
-WIDE_NODES = {"REGGuider": 360, "REGGuidanceSchedule": 360, "REGDiagnostics": 340, "REGGuidance": 330}
+WIDE_NODES = {
+    "REGGuider": 360,
+    "REGGuidanceSchedule": 360,
+    "REGDiagnostics": 340,
+    "REGGuidance": 330,
+    "REGGuidanceSweep": 380,
+    "REGCLIPScoreLoader": 340,
+}
+MULTILINE_H = 110  # a multiline text box
 
 
 def node_size(class_type: str, info: dict[str, Any], title: str) -> list[int]:
     specs = ordered_inputs(info)
     sockets = sum(1 for s in specs if not s.is_widget)
-    widgets = sum(1 + s.control_values for s in specs if s.is_widget)
+    widgets = sum(1 + s.control_values for s in specs if s.is_widget and not s.options.get("multiline"))
+    boxes = sum(1 for s in specs if s.is_widget and s.options.get("multiline"))
     rows = max(sockets, len(info.get("output", [])), 1)
-    height = rows * SLOT_H + widgets * WIDGET_H + 14
+    height = rows * SLOT_H + widgets * WIDGET_H + boxes * MULTILINE_H + 14
     width, min_height = SIZE_OVERRIDES.get(class_type, (WIDE_NODES.get(class_type, 315), 0))
     width = max(width, TITLE_CHAR_W * len(title) + 50)  # the whole title stays readable
     return [width, max(height, min_height, 46)]
@@ -820,8 +913,9 @@ def to_ui(wf: Workflow, api: dict[str, Any], infos: dict[str, dict[str, Any]]) -
             outputs.append(entry)
         wf_node = wf.graph.nodes[nid]
         properties: dict[str, Any] = {"Node name for S&R": node["class_type"]}
-        if wf_node.models:
-            properties["models"] = [{"name": m.name, "url": m.url, "directory": m.directory} for m in wf_node.models]
+        files = [m for m in wf_node.models if not m.is_folder]
+        if files:
+            properties["models"] = [{"name": m.name, "url": m.url, "directory": m.directory} for m in files]
         ui_nodes[nid] = {
             "id": int(nid),
             "type": node["class_type"],

@@ -47,7 +47,17 @@ TITLE_BAR = 30  # LiteGraph draws the title above ``pos``
 SD15_CHECKPOINTS = {"v1-5-pruned-emaonly-fp16.safetensors"}
 SD3_CHECKPOINTS = {"sd3.5_medium.safetensors"}
 SD3_TEXT_ENCODERS = {"clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"}
-MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "vae_name", "clip_name", "clip_name1", "clip_name2", "clip_name3"}
+CLIP_SCORE_MODELS = {"clip-vit-base-patch16"}  # a transformers CLIPModel folder in models/clip_score/
+MODEL_FILE_INPUTS = {
+    "ckpt_name",
+    "unet_name",
+    "vae_name",
+    "clip_name",
+    "clip_name1",
+    "clip_name2",
+    "clip_name3",
+    "model_name",
+}
 LOADERS = {
     "CheckpointLoaderSimple",
     "CheckpointLoader",
@@ -275,8 +285,8 @@ def uses_interval_schedule(api: dict[str, Any]) -> bool:
     )
 
 
-def tinyfy(api: dict[str, Any], tiny: Any) -> dict[str, Any]:
-    """The twin with the tiny models instead of the real files, 32×32 latents and 2 steps; nothing else changes.
+def tinyfy(api: dict[str, Any], tiny: Any, clip_score_model: str | None = None) -> dict[str, Any]:
+    """The twin with the tiny models instead of the real files, 32×32 latents, 2 steps and (sweep) 2 cfg values.
 
     With an interval schedule 3 steps: SD1.5's 2-step sigmas (14.6, 0.029) both miss the default window [0.28, 2.90],
     where the schedule would be plain conditional sampling and REG a no-op; with 3 steps σ = 1.62 is inside it.
@@ -301,8 +311,14 @@ def tinyfy(api: dict[str, Any], tiny: Any) -> dict[str, Any]:
         elif kind == "TripleCLIPLoader":
             assert {inputs["clip_name1"], inputs["clip_name2"], inputs["clip_name3"]} == SD3_TEXT_ENCODERS
             node.update(class_type="CLIPLoader", inputs={"clip_name": tiny.clip_l, "type": "sd3"})
+        elif kind == "REGCLIPScoreLoader" and inputs["model_name"] in CLIP_SCORE_MODELS:
+            assert clip_score_model is not None, "this workflow needs the tiny CLIP score model"
+            inputs["model_name"] = clip_score_model
         elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=32, height=32)
+        elif kind == "REGGuidanceSweep":  # one sampling run per method and cfg value: keep the first and last value
+            values = [v.strip() for v in inputs["cfg_values"].split(",")]
+            inputs["cfg_values"] = f"{values[0]}, {values[-1]}"
         elif kind in LOADERS:
             raise AssertionError(f"no tiny stand-in for {kind} {inputs}; add one to tinyfy()")
         if isinstance(inputs.get("steps"), int):
@@ -311,8 +327,15 @@ def tinyfy(api: dict[str, Any], tiny: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_api_twin_runs_with_tiny_models_and_every_image_is_finite(harness, tiny, name):
-    prompt = tinyfy(api_twin(name), tiny)
+def test_api_twin_runs_with_tiny_models_and_every_image_is_finite(harness, tiny, name, tmp_path_factory):
+    api = api_twin(name)
+    clip_score_model = None
+    if any(n["class_type"] == "REGCLIPScoreLoader" for n in api.values()):
+        import tiny_clip  # the random CLIPModel of the CLIP-score tests, registered under models/clip_score
+
+        tiny_clip.build(tmp_path_factory.getbasetemp() / "clip_score_models")
+        clip_score_model = tiny_clip.FULL
+    prompt = tinyfy(api, tiny, clip_score_model)
     result = harness.run(prompt)
     shown = 0
     for nid, node in prompt.items():
@@ -322,6 +345,10 @@ def test_api_twin_runs_with_tiny_models_and_every_image_is_finite(harness, tiny,
             assert image.ndim == 4 and image.shape[-1] == 3 and torch.isfinite(image).all(), (nid, image.shape)
             assert len(result.ui[nid]["images"]) == image.shape[0]
             shown += 1
+        elif node["class_type"] == "PreviewAny":
+            source, slot = node["inputs"]["source"]
+            assert result.ui[nid]["text"] and result.value(source, slot)
+            json.loads(result.value(source, slot))  # the reports shown are JSON
     assert shown >= 1
     decoded = {nid: result.image(nid) for nid, n in prompt.items() if n["class_type"] == "VAEDecode"}
     assert all(img.shape == (1, 32, 32, 3) for img in decoded.values())
