@@ -169,7 +169,7 @@ class REGCLIPScore(io.ComfyNode):
                     ),
                 ),
                 io.String.Input(
-                    "prompt",
+                    "text",
                     multiline=True,
                     default="",
                     dynamic_prompts=False,
@@ -210,12 +210,12 @@ class REGCLIPScore(io.ComfyNode):
     def execute(
         cls,
         image: torch.Tensor,
-        prompt: str,
+        text: str,
         clip_score_model: clip_score.CLIPScoreModel,
         truncation: str,
         label: str = "",
     ) -> io.NodeOutput:
-        prompts = clip_score.split_prompts(prompt, int(image.shape[0]) if image.ndim == 4 else 1)
+        prompts = clip_score.split_prompts(text, int(image.shape[0]) if image.ndim == 4 else 1, input_name="text")
         result = clip_score.compute_clip_score(clip_score_model, image, prompts, truncation=truncation)
         report = {
             "metric": clip_score.METRIC_NAME,

@@ -92,9 +92,15 @@ class REGDiagnostics(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Image.Output("statistics", tooltip="M statistics against the evaluation index."),
-                io.Image.Output("maps", tooltip="M heatmaps at the chosen evaluations, with a colour bar."),
-                io.String.Output("json", tooltip="All recorded numbers, per evaluation and per image."),
+                io.Image.Output(
+                    "statistics", display_name="statistics", tooltip="M statistics against the evaluation index."
+                ),
+                io.Image.Output(
+                    "maps", display_name="maps", tooltip="M heatmaps at the chosen evaluations, with a colour bar."
+                ),
+                io.String.Output(
+                    "json", display_name="json", tooltip="All recorded numbers, per evaluation and per image."
+                ),
             ],
         )
 

@@ -273,7 +273,7 @@ class REGGuidanceSweep(io.ComfyNode):
         if truncation not in clip_score.TRUNCATION_MODES:
             raise clip_score.InvalidInputError(f"truncation must be one of {clip_score.TRUNCATION_MODES}.")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        prompts = clip_score.split_prompts(score_prompt, int(latent.shape[0]))
+        prompts = clip_score.split_prompts(score_prompt, int(latent.shape[0]), input_name="score_prompt")
         reg = {
             "strength": strength,
             "estimator": estimator,
@@ -319,7 +319,7 @@ class REGGuidanceSweep(io.ComfyNode):
             if images.ndim == 5:  # video VAEs: frames become images, as in VAEDecode
                 images = images.reshape(-1, *images.shape[-3:])
             if images.shape[0] != len(prompts):
-                prompts = clip_score.split_prompts(score_prompt, int(images.shape[0]))
+                prompts = clip_score.split_prompts(score_prompt, int(images.shape[0]), input_name="score_prompt")
             result = clip_score.compute_clip_score(clip_score_model, images, prompts, truncation=truncation)
             pixels.append(clip_score.images_to_uint8(images)[0].numpy())
             results.append(result)

@@ -386,24 +386,26 @@ def load_clip_score_model(
 # ------------------------------------------------------------------------------------------------------------ inputs
 
 
-def split_prompts(prompt: str, batch_size: int) -> list[str]:
+def split_prompts(prompt: str, batch_size: int, input_name: str = "prompt") -> list[str]:
     """One prompt per image from a multiline string: one line broadcast to all images, or one line per image.
 
     torchmetrics requires as many texts as images; this is the node's way to provide them. Leading/trailing blank
-    lines are ignored; a blank line between prompts is an error (it would shift the pairing).
+    lines are ignored; a blank line between prompts is an error (it would shift the pairing). Error messages name
+    the node input ``input_name``.
     """
     lines = [line.strip() for line in prompt.strip().splitlines()]
     if not lines:
-        raise InvalidInputError("prompt is empty: enter the caption the images were generated from.")
+        raise InvalidInputError(f"{input_name} is empty: enter the caption the images were generated from.")
     if "" in lines:
         raise InvalidInputError(
-            f"prompt line {lines.index('') + 1} is blank: remove blank lines between prompts (one prompt per line)."
+            f"{input_name} line {lines.index('') + 1} is blank: remove blank lines between prompts "
+            "(one prompt per line)."
         )
     if len(lines) == 1:
         return lines * batch_size
     if len(lines) != batch_size:
         raise InvalidInputError(
-            f"prompt has {len(lines)} lines but the image batch has {batch_size} images: give one prompt for all "
+            f"{input_name} has {len(lines)} lines but the image batch has {batch_size} images: give one prompt for all "
             f"images, or exactly {batch_size} lines (one prompt per image, in batch order)."
         )
     return lines

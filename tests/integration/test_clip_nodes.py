@@ -38,7 +38,7 @@ def score_workflow(harness, tiny, *, model_name, prompt, truncation="torchmetric
     score = g.node(
         "REGCLIPScore",
         image=image.out(0),
-        prompt=prompt,
+        text=prompt,
         clip_score_model=loader.out(0),
         truncation=truncation,
         label=label,
@@ -132,10 +132,10 @@ def test_same_files_give_the_same_scores_in_every_layout(harness, tiny, clip_mod
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [
-        ("\n".join([*PROMPTS, "a third caption"]), r"prompt has 3 lines but the image batch has 2 images"),
-        ("", r"prompt is empty: enter the caption"),
-        (" \n ", r"prompt is empty"),
-        ("a cat\n\na dog", r"prompt line 2 is blank"),
+        ("\n".join([*PROMPTS, "a third caption"]), r"text has 3 lines but the image batch has 2 images"),
+        ("", r"text is empty: enter the caption"),
+        (" \n ", r"text is empty"),
+        ("a cat\n\na dog", r"text line 2 is blank"),
     ],
 )
 def test_bad_prompts_fail_with_a_clear_message(harness, tiny, clip_models, prompt, message):

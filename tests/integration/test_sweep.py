@@ -73,7 +73,7 @@ def add_reference(g, inp, loader, cfg, patches=()):
     score = g.node(
         "REGCLIPScore",
         image=image.out(0),
-        prompt=SCORE_PROMPT,
+        text=SCORE_PROMPT,
         clip_score_model=loader.out(0),
         truncation="torchmetrics",
     )
@@ -241,8 +241,8 @@ def test_bad_cfg_values_are_rejected_before_running(harness, tiny, clip_models, 
             {"cfg_values": ", ".join(str(v) for v in range(33))},
             r"2 methods × 33 cfg values = 66 sampling runs, over the limit of 64",
         ),
-        ({"score_prompt": "one\ntwo\nthree"}, r"prompt has 3 lines but the image batch has 2 images"),
-        ({"score_prompt": ""}, r"prompt is empty"),
+        ({"score_prompt": "one\ntwo\nthree"}, r"score_prompt has 3 lines but the image batch has 2 images"),
+        ({"score_prompt": ""}, r"score_prompt is empty"),
     ],
     ids=["no-method", "too-many-runs", "prompt-count", "empty-prompt"],
 )
