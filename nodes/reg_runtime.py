@@ -187,12 +187,30 @@ def wrapper_adder(target: Any) -> AddWrapper:
     return target.add_wrapper_with_key
 
 
+def _copy_after_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+    """UNet ``input_block_patch_after_skip``: the blocks after a skip connection get their own copy of ``h``.
+
+    ``openaimodel.apply_control`` adds ControlNet residuals to the skip tensors in place (``h += ctrl`` on
+    ``hs.pop()``) after the following blocks saved them for backward, which breaks the backward pass.
+    """
+    return h.clone()
+
+
+def _traced_options(model_options: dict) -> dict:
+    """``model_options`` for the differentiated pass: ``_copy_after_skip`` appended to the UNet patches."""
+    transformer_options = dict(model_options.get("transformer_options", {}))
+    patches = dict(transformer_options.get("patches", {}))
+    patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []), _copy_after_skip]
+    transformer_options["patches"] = patches
+    return {**model_options, "transformer_options": transformer_options}
+
+
 def _cond_with_graph(
     executor: CalcExecutor, model: Any, cond: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluate the conditional branch outside inference mode with autograd on; return ``(D_c, leaf)``."""
     leaf = x.detach().clone().requires_grad_(True)
-    d_c = executor(model, [cond], leaf, timestep.clone(), model_options)[0]
+    d_c = executor(model, [cond], leaf, timestep.clone(), _traced_options(model_options))[0]
     if not d_c.requires_grad:
         raise NoGraphError("the conditional prediction carries no gradient")
     return d_c, leaf
