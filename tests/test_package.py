@@ -1,0 +1,24 @@
+"""The pack's root module imports without ComfyUI and has no side effects."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_root_module_imports_without_comfyui_and_exposes_the_v3_entry_point() -> None:
+    before = set(sys.modules)
+    spec = importlib.util.spec_from_file_location(
+        "reg_pack_under_test", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert inspect.iscoroutinefunction(module.comfy_entrypoint)
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # V1 mappings would make ComfyUI ignore the V3 entry point
+    loaded = set(sys.modules) - before
+    assert not any(name == "comfy" or name.startswith(("comfy.", "comfy_api")) for name in loaded)
+    assert not any(name.startswith("reg_pack_under_test.nodes") for name in loaded)  # nodes load only on demand
