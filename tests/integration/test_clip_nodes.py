@@ -120,7 +120,7 @@ def test_same_files_give_the_same_scores_in_every_layout(harness, tiny, clip_mod
         scores[entry] = g.node(
             "REGCLIPScore",
             image=image.out(0),
-            prompt="\n".join(PROMPTS),
+            text="\n".join(PROMPTS),
             clip_score_model=loader.out(0),
             truncation="torchmetrics",
         )
