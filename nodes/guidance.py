@@ -225,6 +225,11 @@ class REGCFGGuider(comfy.samplers.CFGGuider):
                 "REGGuider got a model already patched by REGGuidance, so REG would be applied twice. "
                 "Connect the model without REGGuidance, or use REGGuidance with a plain CFGGuider."
             )
+        if schedule is not None and model_patcher.get_wrappers(WrappersMP.PREDICT_NOISE, SCHEDULE_KEY):
+            raise REGConfigError(
+                "REGGuider has a schedule and its model already went through REGGuidanceSchedule, so the cfg would "
+                "be scheduled twice. Set the guider's schedule to constant, or remove REGGuidanceSchedule."
+            )
         self.model_options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
         self.reg = reg
         self.apg = apg

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension
@@ -101,9 +102,9 @@ class REGRun:
     sigma_high: float
     sigma_low: float
     estimator: Estimator
-    fallback_reason: str | None = None
     prepared: bool = False
     tracing: bool = False
+    context_warned: bool = False
     step: StepCapture | None = None
     evaluations: int = 0
     last_m: torch.Tensor | None = None
@@ -121,7 +122,8 @@ class REGRun:
                 "REG: exact gradients are unavailable (%s); using the gradient-free estimator for this run.", reason
             )
         self.estimator = Estimator.GRADIENT_FREE
-        self.fallback_reason = reason
+        if self.record is not None:
+            self.record.estimator = f"{Estimator.GRADIENT_FREE.value} (fallback: {reason})"
 
 
 def _differentiable_modules(model: torch.nn.Module, conds: list[Any]) -> list[torch.nn.Module]:
@@ -158,6 +160,18 @@ def make_differentiable(modules: Iterable[torch.nn.Module]) -> int:
                         module._buffers[name] = buf.clone()
                         replaced += 1
     return replaced
+
+
+def fd_relative_step(model: Any) -> float:
+    """Finite-difference step for the model's compute dtype: ``max(1e-3, √eps)``.
+
+    ComfyUI casts the network input to that dtype, so a step below its rounding (bf16 eps 7.8e-3) would vanish or be
+    quantised into noise; √eps balances rounding against the O(h) difference error (float32 keeps 1e-3).
+    """
+    dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        dtype = torch.bfloat16  # fp8 weights compute in a 16-bit dtype
+    return max(FD_RELATIVE_STEP, math.sqrt(torch.finfo(dtype).eps))
 
 
 class NoGraphError(RuntimeError):
@@ -256,15 +270,21 @@ class REGPatch:
         return run
 
     def outer_sample(self, executor, *args, **kwargs):
+        outer = self.run  # a sampling run nested inside another keeps the outer run's state intact
         self.run = self.start_run(executor.class_obj)
         try:
             return executor(*args, **kwargs)
         finally:
-            self.run = None
+            self.run = outer
 
     def predict_noise(self, executor, x, timestep, model_options, seed):
         run = self.run
         if run is None or self.settings.strength == 0:
+            return executor(x, timestep, model_options, seed)
+        if model_options.get("context_handler") is not None:
+            if not run.context_warned:
+                log.warning("REG: context windows split each step into windows; REG is skipped for this run.")
+                run.context_warned = True
             return executor(x, timestep, model_options, seed)
         if not run.in_window(timestep):
             run.record.steps.append(StepRecord(sigma=timestep.detach().clone(), active=False))
@@ -325,10 +345,16 @@ class REGPatch:
         """The main pass with a newly estimated M (exact, or gradient-free after a fallback)."""
         if run.estimator is not Estimator.GRADIENT_FREE:
             try:
-                return self._exact(run, cap, executor, model, conds, x_in, timestep, model_options)
+                self._exact(run, cap, executor, model, conds, x_in, timestep, model_options)
+            except torch.OutOfMemoryError:
+                cap.graph, cap.m, cap.d_c = None, None, None
+                comfy.model_management.soft_empty_cache()
+                run.fall_back("not enough memory for the backward pass")
             except (RuntimeError, NotImplementedError) as err:
                 cap.graph, cap.m, cap.d_c = None, None, None  # nothing half-made survives the fallback
                 run.fall_back(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            else:
+                return [cap.d_c, *executor(model, conds[1:], x_in, timestep, model_options)]
         return self._gradient_free(run, cap, executor, model, conds, x_in, timestep, model_options)
 
     def diffusion_model(self, executor, *args, **kwargs):
@@ -344,7 +370,8 @@ class REGPatch:
             raise NoGraphError("the network output carries no gradient")
         return out
 
-    def _exact(self, run, cap, executor, model, conds, x_in, timestep, model_options):
+    def _exact(self, run, cap, executor, model, conds, x_in, timestep, model_options) -> None:
+        """Record ``D_c`` and ``M`` (or the chain graph) from the conditional pass with autograd."""
         if not run.prepared:
             make_differentiable(_differentiable_modules(model, conds))
             run.prepared = True
@@ -359,12 +386,10 @@ class REGPatch:
             else:
                 cap.m = rectify.column_sums(d_c, leaf) * cap.factor
             cap.d_c = d_c.detach()
-        rest = executor(model, conds[1:], x_in, timestep, model_options)
-        return [cap.d_c, *rest]
 
     def _gradient_free(self, run, cap, executor, model, conds, x_in, timestep, model_options):
         out = executor(model, conds, x_in, timestep, model_options)
-        h = rectify.fd_step(timestep, x_in, flow=run.flow, relative=FD_RELATIVE_STEP)
+        h = rectify.fd_step(timestep, x_in, flow=run.flow, relative=fd_relative_step(model))
         shifted = executor(model, [conds[0]], x_in + h, timestep, model_options)[0]
         cap.d_c = out[0]
         cap.m = (shifted - out[0]) / h * cap.factor
@@ -417,7 +442,7 @@ class SchedulePatch:
         if s.progress is Progress.STEPS:
             progress = schedules.step_progress(sigma, sample_sigmas)
         else:
-            progress = schedules.sigma_progress(sig, ve_sigma(max(sample_sigmas), flow))
+            progress = schedules.sigma_progress(sigma, max(sample_sigmas))  # the model's own σ (flow starts at 1)
         w = schedules.scheduled_weight(
             s.schedule,
             base_cfg - 1.0,
