@@ -80,6 +80,46 @@ def reg_inputs() -> list[io.Input]:
     ]
 
 
+def apg_pag_inputs(apg_label: str, pag_label: str) -> list[io.Input]:
+    """APG's parameters (ComfyUI's APG node ranges) and the PAG scale; tooltips start with the given labels."""
+    return [
+        io.Float.Input(
+            "eta",
+            default=1.0,
+            min=-10.0,
+            max=10.0,
+            step=0.01,
+            tooltip=f"{apg_label}: scale of the guidance component parallel to the positive prediction "
+            "(1 = as cfg, 0 = drop it).",
+        ),
+        io.Float.Input(
+            "norm_threshold",
+            default=5.0,
+            min=0.0,
+            max=50.0,
+            step=0.1,
+            tooltip=f"{apg_label}: clip the guidance norm (per image) to this value; 0 disables clipping.",
+        ),
+        io.Float.Input(
+            "momentum",
+            default=0.0,
+            min=-5.0,
+            max=1.0,
+            step=0.01,
+            tooltip=f"{apg_label}: running average of the guidance over steps (reset every run); 0 disables it.",
+        ),
+        io.Float.Input(
+            "pag_scale",
+            default=3.0,
+            min=0.0,
+            max=100.0,
+            step=0.01,
+            tooltip=f"{pag_label}: Perturbed-Attention Guidance scale, added on top of cfg. The extra pass is never "
+            "differentiated.",
+        ),
+    ]
+
+
 def schedule_inputs() -> list[io.Input]:
     """Inputs of the paper's guidance-weight schedules (reg_core.schedules)."""
     return [
@@ -281,40 +321,7 @@ class REGGuider(io.ComfyNode):
                     tooltip="The guidance REG rectifies: cfg; apg (Adaptive Projected Guidance, parameters below); "
                     "pag (cfg plus Perturbed-Attention Guidance on the UNet middle block; UNet models only).",
                 ),
-                io.Float.Input(
-                    "eta",
-                    default=1.0,
-                    min=-10.0,
-                    max=10.0,
-                    step=0.01,
-                    tooltip="apg only: scale of the guidance component parallel to the positive prediction "
-                    "(1 = as cfg, 0 = drop it).",
-                ),
-                io.Float.Input(
-                    "norm_threshold",
-                    default=5.0,
-                    min=0.0,
-                    max=50.0,
-                    step=0.1,
-                    tooltip="apg only: clip the guidance norm (per image) to this value; 0 disables clipping.",
-                ),
-                io.Float.Input(
-                    "momentum",
-                    default=0.0,
-                    min=-5.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="apg only: running average of the guidance over steps (reset every run); 0 disables it.",
-                ),
-                io.Float.Input(
-                    "pag_scale",
-                    default=3.0,
-                    min=0.0,
-                    max=100.0,
-                    step=0.01,
-                    tooltip="pag only: Perturbed-Attention Guidance scale, added on top of cfg. The extra pass is "
-                    "never differentiated.",
-                ),
+                *apg_pag_inputs("apg only", "pag only"),
                 *reg_inputs(),
                 *schedule_inputs(),
             ],

@@ -27,7 +27,7 @@ from ..reg_core import clip_score, sweep
 from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from .clip_score import CATEGORY, CLIP_SCORE_MODEL
-from .guidance import reg_inputs
+from .guidance import apg_pag_inputs, reg_inputs
 from .reg_runtime import REGPatch, REGSettings, apg_pre_cfg, pag_post_cfg, remove_reg, wrapper_adder
 
 log = logging.getLogger("reg_guidance")
@@ -154,38 +154,7 @@ class REGGuidanceSweep(io.ComfyNode):
                     tooltip="CFG plus Perturbed-Attention Guidance, rectified by REG (UNet models only).",
                 ),
                 *reg_inputs(),
-                io.Float.Input(
-                    "eta",
-                    default=1.0,
-                    min=-10.0,
-                    max=10.0,
-                    step=0.01,
-                    tooltip="APG + REG only: scale of the guidance component parallel to the positive prediction.",
-                ),
-                io.Float.Input(
-                    "norm_threshold",
-                    default=5.0,
-                    min=0.0,
-                    max=50.0,
-                    step=0.1,
-                    tooltip="APG + REG only: clip the guidance norm (per image) to this value; 0 disables clipping.",
-                ),
-                io.Float.Input(
-                    "momentum",
-                    default=0.0,
-                    min=-5.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="APG + REG only: running average of the guidance over steps (fresh for every run).",
-                ),
-                io.Float.Input(
-                    "pag_scale",
-                    default=3.0,
-                    min=0.0,
-                    max=100.0,
-                    step=0.01,
-                    tooltip="PAG + REG only: Perturbed-Attention Guidance scale, added on top of cfg.",
-                ),
+                *apg_pag_inputs("APG + REG only", "PAG + REG only"),
                 io.Combo.Input(
                     "truncation",
                     options=list(clip_score.TRUNCATION_MODES),
