@@ -1,0 +1,257 @@
+"""REG's cost per sampling step and its peak memory, next to plain CFG, measured in one run.
+
+    ./dev bench                       # = .venv/bin/python bench/bench_reg.py
+    ./dev bench --sizes 32 --repeats 5 --models sd15
+
+**With ComfyUI** (found like the integration tests do, through tests/integration/locate.py: ``COMFYUI_PATH``, the
+``ComfyUI/custom_nodes/<pack>`` layout, or ``~/ComfyUI``) the script re-executes itself under ComfyUI's interpreter,
+imports ComfyUI in-process, loads this pack through ComfyUI's own custom-node loader and samples with
+``comfy.sample.sample`` (what KSampler calls: euler, normal schedule, cfg 4, batch 1) on the tiny random-weight models
+of tests/integration/tiny_models.py (SD1.5-shaped UNet, 36.7M parameters, EPS; SD3 MMDiT, 2M parameters, flow),
+built on first use and cached in tests/.models/. REG is applied through the pack's ``REGGuidance`` node class.
+**Without ComfyUI** (or with ``--core``) it runs the same configurations with the pure-torch core (reg_core.rectify)
+on a small random conv denoiser (bench/core_bench.py).
+
+Configurations: CFG; REG vjp, gradient-free and chain; vjp and gradient-free with ``refresh_every`` 2 and 4. Latent
+sizes are in latent pixels (``--sizes 32 64`` = 32x32 and 64x64 latents, i.e. 256² and 512² images for SD1.5).
+
+Timing. Every configuration runs ``--repeats`` times after one short warm-up round, with a CFG run between every two
+runs: CFG A CFG B CFG C … CFG, the others' order rotating from repeat to repeat. A run's step time is the mean over
+steps 1…S−1 from the sampler's per-step callback; step 0 also carries the run's setup and is reported separately
+("run setup"). With ``refresh_every`` k the timed steps contain fresh and reused evaluations in the proportion
+1 : k−1 (S − 1 is a multiple of 4 by default: 5 steps for the SD1.5 UNet, 17 for the millisecond-fast SD3 MMDiT and
+core denoiser). Each run's ratio to CFG is taken against the mean of the two CFG runs bracketing it and summarised
+as median [min–max], so a drifting, shared machine shows up as a wide range rather than as a bias.
+
+Peak memory. CPU tensors live in ``malloc``ed memory, which ``tracemalloc`` does not see. Two measures, each sound
+for what it answers:
+
+- *Live tensor bytes* (the activation-memory targets, growth): two extra, untimed runs per configuration under the
+  PyTorch profiler with ``profile_memory=True``. Every CPU tensor allocation and free is an event carrying the
+  allocator's running total, so the peak above the run's start, the live bytes after every step (marked from the
+  sampler's callback) and what a run leaves behind are exact and deterministic, independent of how ``malloc``
+  recycles pages. The size of one conditional activation graph is measured exactly too, by summing the storages
+  autograd saves for backward (``saved_tensors_hooks``, weights excluded).
+- *Resident set* (what the operating system sees, allocator slack included) in every timed run: before the run the
+  script returns freed heap memory to the kernel (``gc`` + glibc ``malloc_trim``), resets the kernel's RSS high-water
+  mark (``/proc/self/clear_refs`` ← 5, Linux ≥ 4.0) and reads the RSS; after the run it reads ``VmHWM``. The kernel
+  records the high-water mark at page granularity, so no short peak is missed (unlike polling with psutil), and the
+  reset gives a per-run peak inside one process, so configurations can be interleaved; isolated subprocesses would
+  pay a ComfyUI import (10–20 s) per configuration and their ``ru_maxrss`` would include the model-loading peak.
+  Without ``clear_refs`` the RSS columns read n/a. glibc's arenas make this figure noisy (tens of MiB at 64²); read
+  the tensor columns for activation memory.
+
+Where the time goes. ``--breakdown-reps`` times the pieces of a step (the batched cond+uncond pass, cond and uncond
+alone in several grad modes, the cond pass with a graph and its backward, the finite-difference probe, batched
+alternatives, backward with the weights requiring grad) inside a real sampling context, through
+``comfy.samplers.calc_cond_batch`` with a real guider's processed conds.
+
+``--threads N`` sets torch's intra-op threads (default: torch's choice). On a machine shared with other jobs, one
+thread per process gives far steadier timings (OpenMP threads spin at barriers when descheduled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # appended: ComfyUI's own ``nodes`` module must win over the pack's ``nodes`` package
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+import locate  # noqa: E402
+
+log = logging.getLogger("bench_reg")
+REEXEC_FLAG = "REG_BENCH_UNDER_COMFYUI"
+# Steps per run: S − 1 timed steps, a multiple of 4 so refresh_every 2 and 4 see their exact fresh/reused mix.
+DEFAULT_STEPS = {"sd15": 5, "sd3": 17, "core": 17}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from bench.benchlib import CONFIGS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["sd15", "sd3"], choices=["sd15", "sd3"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64], help="latent sizes in latent pixels")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="sampling steps per run, step 0 not timed (default: 5 for the SD1.5 UNet, 17 for the fast SD3 MMDiT "
+        "and the core denoiser, whose steps take milliseconds)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run (0: none)")
+    parser.add_argument("--breakdown-reps", type=int, default=3, help="repeats of each piece (0: skip)")
+    parser.add_argument(
+        "--configs", nargs="+", default=[c.name for c in CONFIGS], metavar="NAME", help="subset of configurations"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--attention", default="default", choices=["default", "pytorch", "split"])
+    parser.add_argument("--core", action="store_true", help="the pure-torch benchmark even if ComfyUI is found")
+    parser.add_argument("--json", type=Path, help="also write every raw measurement here (e.g. bench/results/)")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="only print the tables of a --json file again")
+    args = parser.parse_args(argv)
+    unknown = set(args.configs) - {c.name for c in CONFIGS}
+    if unknown:
+        parser.error(f"unknown configurations {sorted(unknown)}; choose from {[c.name for c in CONFIGS]}")
+    if "CFG" not in args.configs:
+        args.configs.insert(0, "CFG")  # every ratio is to CFG
+    if args.steps is not None and args.steps < 3:
+        parser.error("--steps must be at least 3 (step 0 is not timed)")
+    return args
+
+
+def comfyui_interpreter() -> tuple[Path | None, str | None, str]:
+    comfyui, reason = locate.find_comfyui()
+    if comfyui is None:
+        return None, None, reason
+    python, reason = locate.find_interpreter(comfyui)
+    return comfyui, python, reason
+
+
+def maybe_reexec(core: bool) -> Path | None:
+    """Return ComfyUI's path when this process should benchmark it; re-exec under its interpreter when needed."""
+    if core:
+        return None
+    comfyui, python, reason = comfyui_interpreter()
+    if comfyui is None or python is None:
+        log.warning("ComfyUI not usable (%s): running the pure-torch core benchmark instead", reason)
+        return None
+    if os.environ.get(REEXEC_FLAG) == "1" or Path(sys.executable) == Path(python):
+        return comfyui
+    log.info("re-running under ComfyUI's interpreter %s", python)
+    env = {**os.environ, REEXEC_FLAG: "1"}
+    sys.stdout.flush()
+    os.execve(python, [python, str(Path(__file__).resolve()), *sys.argv[1:]], env)
+    return None  # not reached
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_comfyui(args: argparse.Namespace, comfyui: Path) -> tuple[list, list, str]:
+    from bench import comfy_bench, report
+    from bench.benchlib import CONFIGS
+
+    try:
+        bench = comfy_bench.ComfyBench(comfyui, args.attention)
+    except ImportError as exc:
+        raise SystemExit(
+            f"ComfyUI at {comfyui} does not import with {sys.executable} ({exc}); fix that install, point "
+            "COMFYUI_PATH/COMFYUI_PYTHON elsewhere, or run the pure-torch benchmark with --core"
+        ) from exc
+    configs = [c for c in CONFIGS if c.name in args.configs]
+    header = f"ComfyUI at {comfyui}; attention {bench.attention}; pack loaded as {bench.pack.module_name}"
+    write(header + "\n\n")
+    measurements, breakdowns = [], []
+    for key in args.models:
+        fam = bench.family(key)
+        write(f"{fam.label}: {fam.params / 1e6:.2f}M parameters\n")
+        for size in args.sizes:
+            if args.breakdown_reps > 0:
+                b = bench.breakdown(fam, size, args.breakdown_reps)
+                breakdowns.append(b)
+                write(report.breakdown_table(b))
+            m = bench.measure(
+                fam,
+                size,
+                configs,
+                steps=args.steps or DEFAULT_STEPS[key],
+                repeats=args.repeats,
+                warmup_steps=args.warmup_steps,
+            )
+            measurements.append(m)
+            write(report.measurement_table(m))
+    return measurements, breakdowns, header
+
+
+def run_core(args: argparse.Namespace) -> tuple[list, list, str]:
+    from bench import core_bench, report
+    from bench.benchlib import CONFIGS
+
+    bench = core_bench.CoreBench()
+    configs = [c for c in CONFIGS if c.name in args.configs]
+    header = f"pure-torch core benchmark (no ComfyUI): {core_bench.describe()}"
+    write(header + "\n\n")
+    measurements, breakdowns = [], []
+    for size in args.sizes:
+        if args.breakdown_reps > 0:
+            b = bench.breakdown(size, args.breakdown_reps)
+            breakdowns.append(b)
+            write(report.breakdown_table(b))
+        steps = args.steps or DEFAULT_STEPS["core"]
+        m = bench.measure(size, configs, steps=steps, repeats=args.repeats, warmup_steps=args.warmup_steps)
+        measurements.append(m)
+        write(report.measurement_table(m))
+    return measurements, breakdowns, header
+
+
+def reprint(path: Path) -> int:
+    """Print the tables and targets of a ``--json`` file again (e.g. after changing the report's format)."""
+    from bench import report
+    from bench.benchlib import breakdown_from_dict, measurement_from_dict
+
+    payload = json.loads(path.read_text())
+    measurements = [measurement_from_dict(m) for m in payload["measurements"]]
+    breakdowns = [breakdown_from_dict(b) for b in payload["breakdowns"]]
+    write(f"REG benchmark (from {path}): {payload['environment']}\n{payload['header']}\n\n")
+    for b in breakdowns:
+        write(report.breakdown_table(b))
+        for m in measurements:
+            if (m.label, m.size) == (b.label, b.size):
+                write(report.measurement_table(m))
+    shown = {(b.label, b.size) for b in breakdowns}
+    for m in measurements:
+        if (m.label, m.size) not in shown:
+            write(report.measurement_table(m))
+    write(report.targets_table(report.check_targets(measurements, breakdowns)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # ComfyUI logs every model load
+    log.setLevel(logging.INFO)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--report" in argv:
+        return reprint(parse_args(argv).report)
+    comfyui = maybe_reexec("--core" in argv)  # before importing torch here: the other interpreter imports its own
+    args = parse_args(argv)
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from bench import report
+    from bench.benchlib import environment_line
+
+    start = time.perf_counter()
+    write(f"REG benchmark: {environment_line()}\n")
+    if comfyui is not None:
+        measurements, breakdowns, header = run_comfyui(args, comfyui)
+    else:
+        measurements, breakdowns, header = run_core(args)
+    write(report.targets_table(report.check_targets(measurements, breakdowns)))
+    write(f"total {time.perf_counter() - start:.0f} s\n")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "environment": environment_line(),
+            "header": header,
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "measurements": [asdict(m) for m in measurements],
+            "breakdowns": [asdict(b) for b in breakdowns],
+        }
+        args.json.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

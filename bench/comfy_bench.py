@@ -1,0 +1,459 @@
+"""REG's cost inside a real ComfyUI: whole sampling runs per configuration, and where a REG step's time goes.
+
+Imported by ``bench_reg.py`` only under ComfyUI's interpreter. ComfyUI is imported in-process the way the integration
+tests do it (tests/integration/conftest.py), the pack is loaded by ComfyUI's own custom-node loader and applied
+through its ``REGGuidance`` node class, and the models are the tiny random-weight SD1.5 UNet and SD3 MMDiT of
+tests/integration/tiny_models.py (built on first use, cached in tests/.models/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.benchlib import (
+    Breakdown,
+    Config,
+    Measurement,
+    PeakMemory,
+    RunStats,
+    Summary,
+    TensorRecorder,
+    bracketed,
+    interleaved,
+    profile_runs,
+    release_memory,
+    rss_bytes,
+    saved_tensor_bytes,
+    tensor_memory,
+)
+
+log = logging.getLogger("bench_reg")
+
+REPO = Path(__file__).resolve().parents[1]
+INTEGRATION = REPO / "tests" / "integration"
+CFG_SCALE = 4.0
+SAMPLER = "euler"  # one model evaluation per step
+SCHEDULER = "normal"
+
+
+def import_comfyui(comfyui: Path, attention: str = "default") -> None:
+    """Import ComfyUI in-process (CPU). Order matters, see tests/integration/conftest.py ``_import_comfyui``."""
+    sys.path.insert(0, str(comfyui))  # before the repository root, which has its own ``nodes`` package
+    if str(INTEGRATION) not in sys.path:
+        sys.path.insert(1, str(INTEGRATION))
+    import comfy.cli_args
+
+    args = comfy.cli_args.args
+    args.cpu = True
+    if attention == "pytorch":
+        args.use_pytorch_cross_attention = True
+    elif attention == "split":
+        args.use_split_cross_attention = True
+    import utils.extra_config  # noqa: F401
+
+    with contextlib.suppress(ImportError):  # only some image nodes need it
+        import server  # noqa: F401
+    import execution  # noqa: F401
+    import folder_paths  # noqa: F401
+
+    import nodes
+
+    if Path(nodes.__file__).resolve() != (comfyui / "nodes.py").resolve():
+        raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py")
+
+
+@dataclass
+class Family:
+    """A loaded tiny model with its encoded prompts."""
+
+    key: str
+    label: str
+    model: Any  # ModelPatcher
+    positive: Any
+    negative: Any
+    channels: int
+    params: int
+
+
+class ComfyBench:
+    """ComfyUI with the pack loaded and the tiny models registered."""
+
+    def __init__(self, comfyui: Path, attention: str = "default") -> None:
+        import_comfyui(comfyui, attention)
+        import comfy_harness
+        import folder_paths
+        import tiny_models
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="reg-bench-")
+        root = Path(self._tmp.name)
+        for name in ("output", "temp", "input"):
+            (root / name).mkdir()
+        folder_paths.set_output_directory(str(root / "output"))
+        folder_paths.set_temp_directory(str(root / "temp"))
+        folder_paths.set_input_directory(str(root / "input"))
+        self.pack = comfy_harness.load_pack(REPO, root / "custom_nodes")
+        self.runtime = self.pack.submodule("nodes.reg_runtime")
+        self.diagnostics = self.pack.submodule("reg_core.diagnostics")
+        self.tiny = tiny_models.prepare(REPO / "tests" / ".models")
+        import comfy.ldm.modules.attention as attention_module
+
+        self.attention = attention_module.optimized_attention.__name__
+        self.families: dict[str, Family] = {}
+
+    # --- models and configurations ---
+
+    def family(self, key: str) -> Family:
+        if key not in self.families:
+            self.families[key] = self._load(key)
+        return self.families[key]
+
+    def _load(self, key: str) -> Family:
+        import comfy.sd
+        import folder_paths
+        from prompts import NEGATIVE, POSITIVE
+
+        import nodes
+
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            if key == "sd15":
+                model, clip, _vae = nodes.CheckpointLoaderSimple().load_checkpoint(self.tiny.sd15_checkpoint)[:3]
+                label, channels = "SD1.5 UNet (EPS)", 4
+            elif key == "sd3":
+                model = nodes.UNETLoader().load_unet(self.tiny.sd3_unet, "default")[0]
+                clip = comfy.sd.load_clip(
+                    ckpt_paths=[folder_paths.get_full_path_or_raise("text_encoders", self.tiny.clip_l)],
+                    clip_type=comfy.sd.CLIPType.SD3,
+                )
+                label, channels = "SD3 MMDiT (flow)", 16
+            else:
+                raise ValueError(f"unknown model family {key!r} (sd15, sd3)")
+            positive = clip.encode_from_tokens_scheduled(clip.tokenize(POSITIVE))
+            negative = clip.encode_from_tokens_scheduled(clip.tokenize(NEGATIVE))
+        del clip
+        release_memory()
+        params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+        return Family(key, label, model, positive, negative, channels, params)
+
+    def configured(self, fam: Family, config: Config) -> Any:
+        """The family's model as the workflow would see it: unchanged for CFG, else through the REGGuidance node."""
+        if config.estimator is None:
+            return fam.model
+        import nodes
+
+        node = nodes.NODE_CLASS_MAPPINGS["REGGuidance"]
+        inputs = {
+            "strength": 1.0,
+            "estimator": config.estimator,
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+            "refresh_every": config.refresh_every,
+        }
+        return node.execute(fam.model, **inputs).result[0]
+
+    # --- whole sampling runs ---
+
+    def sample_run(
+        self,
+        model: Any,
+        fam: Family,
+        size: int,
+        steps: int,
+        seed: int,
+        refresh_every: int,
+        memory: PeakMemory | None = None,
+        recorder: TensorRecorder | None = None,
+    ) -> RunStats:
+        """One KSampler-equivalent run (``comfy.sample.sample``, euler/normal, cfg 4, batch 1).
+
+        Times every step through the sampler's callback; with ``memory`` also the run's peak extra RSS; with
+        ``recorder`` (a profiled run) marks the live tensor bytes after every step.
+        """
+        import comfy.sample
+
+        latent = torch.zeros(1, fam.channels, size, size)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        marks: list[float] = []
+        step_rss: list[int] = []
+        step_marks: list[int] = []
+
+        def callback(step, x0, x, total_steps):
+            marks.append(time.perf_counter())
+            step_rss.append(rss_bytes())
+            if recorder is not None:
+                step_marks.append(recorder.mark())
+
+        if memory is not None:
+            memory.start()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            comfy.sample.sample(
+                model,
+                noise,
+                steps,
+                CFG_SCALE,
+                SAMPLER,
+                SCHEDULER,
+                fam.positive,
+                fam.negative,
+                latent,
+                seed=seed,
+                callback=callback,
+                disable_pbar=True,
+            )
+        peak = memory.extra() if memory is not None else 0
+        release_memory()
+        marks.insert(0, start)
+        return RunStats(
+            step_seconds=[b - a for a, b in itertools.pairwise(marks)],
+            peak_extra=peak,
+            step_rss=step_rss,
+            rss_after=rss_bytes(),
+            refresh_every=refresh_every,
+            step_marks=step_marks,
+        )
+
+    def measure(
+        self, fam: Family, size: int, configs: list[Config], *, steps: int, repeats: int, warmup_steps: int
+    ) -> Measurement:
+        """Every configuration ``repeats`` times with a CFG run between every two (CFG A CFG B … CFG, rotating), after
+        one warm-up round; then two profiled runs of each for the exact tensor memory (never timed).
+
+        The warm-up round (``warmup_steps`` steps per configuration, not counted) also makes the weights
+        differentiable (the pack's de-inference on its first run), so every timed run, CFG included, sees the same
+        weights.
+        """
+        models = {c.name: self.configured(fam, c) for c in configs}
+        memory = PeakMemory()
+        if warmup_steps > 0:
+            for c in configs:
+                self.sample_run(models[c.name], fam, size, warmup_steps, 1000, c.refresh_every)
+        runs: dict[str, list[RunStats]] = {c.name: [] for c in configs}
+        rss_sequence = []  # the RSS after each run (freed memory released), in run order
+        by_name = {c.name: c for c in configs}
+        sequence = [name for _, name in bracketed([c.name for c in configs], "CFG", repeats)]
+        for index, name in enumerate(sequence):
+            mem = memory if memory.available else None
+            stats = self.sample_run(models[name], fam, size, steps, index, by_name[name].refresh_every, mem)
+            runs[name].append(stats)
+            rss_sequence.append(stats.rss_after)
+        tensors = {}
+        for c in configs:
+
+            def run(recorder: TensorRecorder, c: Config = c) -> RunStats:
+                return self.sample_run(models[c.name], fam, size, steps, 0, c.refresh_every, recorder=recorder)
+
+            tensors[c.name] = profile_runs(run, c.refresh_every)
+        names = [c.name for c in configs]
+        record = self._record_bytes(fam, size)
+        return Measurement(
+            fam.label, size, steps, names, runs, rss_sequence, memory.available, tensors, record, sequence=sequence
+        )
+
+    def _record_bytes(self, fam: Family, size: int) -> int:
+        """Bytes of the M map the runtime keeps per step for the REGDiagnostics node (a downsampled float copy)."""
+        m_map = self.diagnostics.downsample_map(torch.zeros(1, fam.channels, size, size))
+        return m_map.numel() * m_map.element_size()
+
+    # --- where a step's time goes ---
+
+    def breakdown(self, fam: Family, size: int, reps: int) -> Breakdown:
+        """Time the pieces of CFG and REG steps inside a real sampling context (a custom one-step sampler).
+
+        The pieces call ``comfy.samplers.calc_cond_batch`` (what the pack's CALC_COND_BATCH wrapper calls as its
+        executor) with the processed conds of a real guider, in the grad modes the runtime uses.
+        """
+        import comfy.sample
+        import comfy.samplers
+
+        result: dict[str, Any] = {}
+
+        def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+            guider = model_k.inner_model
+            result.update(self._pieces(guider, x, sigmas[1], extra_args["model_options"], fam, reps))
+            return x
+
+        guider = comfy.samplers.CFGGuider(fam.model)
+        guider.set_conds(fam.positive, fam.negative)
+        guider.set_cfg(CFG_SCALE)
+        latent = torch.zeros(1, fam.channels, size, size)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        sigmas = comfy.samplers.calculate_sigmas(fam.model.get_model_object("model_sampling"), SCHEDULER, 4)
+        with torch.inference_mode():
+            guider.sample(noise, latent, comfy.samplers.KSAMPLER(sampler_fn), sigmas, seed=0)
+        return Breakdown(fam.label, size, reps, **result)
+
+    def _pieces(self, guider, x, sigma, model_options, fam: Family, reps: int) -> dict[str, Any]:
+        import comfy.model_sampling
+        import comfy.samplers
+
+        base = guider.inner_model
+        pos, neg = guider.conds["positive"], guider.conds["negative"]
+        rt = self.runtime
+        rt.make_differentiable(rt._differentiable_modules(base, [pos, neg]))
+        params = list(base.parameters())
+        trainable = sum(1 for p in params if p.requires_grad)
+        s = sigma * x.new_ones(x.shape[0])
+        flow = isinstance(base.model_sampling, comfy.model_sampling.CONST)
+        relative = rt.fd_relative_step(base) if hasattr(rt, "fd_relative_step") else rt.FD_RELATIVE_STEP
+        h = rt.rectify.fd_step(s, x, flow=flow, relative=relative)  # the runtime's probe
+
+        def calc(conds, x_in, timestep=s):
+            return comfy.samplers.calc_cond_batch(base, conds, x_in, timestep, model_options)
+
+        def graph_forward(conds):
+            """Like the runtime: a grad-requiring copy of x, a cloned σ, autograd on, outside inference mode."""
+            with torch.inference_mode(False), torch.enable_grad():
+                leaf = x.detach().clone().requires_grad_(True)
+                outs = calc(conds, leaf, s.clone())
+            return outs, leaf
+
+        def backward(out, leaf):
+            with torch.inference_mode(False), torch.enable_grad():
+                return torch.autograd.grad(out, leaf, torch.ones_like(out))[0]
+
+        @contextlib.contextmanager
+        def weights_require_grad():
+            with torch.inference_mode(False):
+                for p in params:
+                    p.requires_grad_(True)
+            try:
+                yield
+            finally:
+                with torch.inference_mode(False):
+                    for p in params:
+                        p.requires_grad_(False)
+
+        timers: dict[str, Callable[[], float]] = {}
+
+        def simple(fn):
+            def timed() -> float:
+                t = time.perf_counter()
+                fn()
+                return time.perf_counter() - t
+
+            return timed
+
+        def no_grad_uncond():
+            with torch.inference_mode(False), torch.no_grad():
+                calc([neg], x)
+
+        def grad_mode_uncond():
+            with torch.inference_mode(False), torch.enable_grad():
+                calc([neg], x)
+
+        def split(conds, weights=False):
+            """(forward with graph, backward) seconds."""
+
+            def run() -> tuple[float, float]:
+                ctx = weights_require_grad() if weights else contextlib.nullcontext()
+                with ctx:
+                    t0 = time.perf_counter()
+                    outs, leaf = graph_forward(conds)
+                    t1 = time.perf_counter()
+                    backward(outs[0], leaf)
+                    t2 = time.perf_counter()
+                return t1 - t0, t2 - t1
+
+            return run
+
+        timers["cond+uncond, batched (CFG's pass)"] = simple(lambda: calc([pos, neg], x))
+        timers["cond"] = simple(lambda: calc([pos], x))
+        timers["uncond (inference_mode)"] = simple(lambda: calc([neg], x))
+        timers["uncond (no_grad)"] = simple(no_grad_uncond)
+        timers["uncond (grad mode on)"] = simple(grad_mode_uncond)
+        timers["FD probe: cond at x+h"] = simple(lambda: calc([pos], x + h))
+        timers["cond at (x, x+h), batched"] = simple(lambda: calc([pos], torch.cat([x, x + h])))
+        pairs = {
+            "cond with graph | backward": split([pos]),
+            "cond+uncond with graph (batch 2) | backward": split([pos, neg]),
+            "cond with graph, weights requires_grad | backward": split([pos], weights=True),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in timers}
+        for name in pairs:
+            fwd, bwd = name.split(" | ")
+            samples[fwd] = []
+            samples[f"{bwd} ({fwd})"] = []
+        names = list(timers) + list(pairs)
+        for _ in range(1):  # warm-up
+            for name in names:
+                (timers.get(name) or pairs[name])()
+        for _, name in interleaved(names, reps):
+            if name in timers:
+                samples[name].append(timers[name]())
+            else:
+                fwd_s, bwd_s = pairs[name]()
+                fwd, bwd = name.split(" | ")
+                samples[fwd].append(fwd_s)
+                samples[f"{bwd} ({fwd})"].append(bwd_s)
+
+        # graph sizes (saved tensors) and peak memory of the pieces
+        graphs = {}
+        for label, conds, weights in (
+            ("cond", [pos], False),
+            ("cond+uncond (batch 2)", [pos, neg], False),
+            ("cond, weights requires_grad", [pos], True),
+        ):
+            ctx = weights_require_grad() if weights else contextlib.nullcontext()
+            with ctx, saved_tensor_bytes(exclude=params) as saved:
+                outs, leaf = graph_forward(conds)
+            graphs[label] = saved.bytes
+            del outs, leaf
+        pieces = (
+            ("cond+uncond, batched (CFG's pass)", lambda: calc([pos, neg], x)),
+            ("cond", lambda: calc([pos], x)),
+            ("cond with graph + backward", lambda: backward(*_first(graph_forward([pos])))),
+            ("cond+uncond with graph + backward of cond", lambda: backward(*_first(graph_forward([pos, neg])))),
+        )
+        with tensor_memory() as recorder:
+            spans = []
+            for _label, fn in pieces:
+                start = recorder.mark()
+                fn()
+                spans.append((start, recorder.mark()))
+        peaks = {label: recorder.trace.peak(a, b) for (label, _), (a, b) in zip(pieces, spans, strict=True)}
+
+        # the batch-2 graph gives the same M as the batch-1 graph (per-sample network)
+        outs1, leaf1 = graph_forward([pos])
+        m1 = backward(outs1[0], leaf1)
+        outs2, leaf2 = graph_forward([pos, neg])
+        m2 = backward(outs2[0], leaf2)
+        del outs1, outs2
+        same_m = float((m1 - m2).abs().max() / m1.abs().max().clamp_min(1e-30))
+
+        diag = self.diagnostics
+
+        def diagnostics_cost() -> float:
+            m = torch.rand_like(x)
+            delta = torch.randn_like(x)
+            t = time.perf_counter()
+            diag.step_statistics(m, delta, m * delta)
+            diag.downsample_map(m.expand_as(delta))
+            return time.perf_counter() - t
+
+        samples["per-step diagnostics (step_statistics + downsample_map)"] = [diagnostics_cost() for _ in range(reps)]
+        notes = {
+            "weights requiring grad after de-inference": f"{trainable} of {len(params)} tensors",
+            "M from the batch-2 graph vs batch 1 (max rel. diff)": f"{same_m:.1e}",
+        }
+        return {
+            "seconds": {name: Summary.of(v) for name, v in samples.items()},
+            "graph_bytes": graphs,
+            "peaks": peaks,
+            "notes": notes,
+        }
+
+
+def _first(outs_leaf):
+    outs, leaf = outs_leaf
+    return outs[0], leaf

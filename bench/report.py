@@ -1,0 +1,224 @@
+"""Tables and target checks of ``bench_reg.py`` (plain text; every figure a median with its [min–max])."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from bench.benchlib import MIB, Breakdown, Measurement, Summary, format_table
+
+KIB = 1024
+
+# Targets of issue 5 (CPU, ratios to CFG in the same run).
+VJP_MAX_RATIO = 1.55
+GF_MAX_RATIO = 1.5
+GF_K2_MAX_RATIO = 1.25
+# "No extra activation memory": gradient-free's peak may exceed CFG's by at most this fraction of one conditional
+# activation graph (holding any graph would cost at least one whole graph), or by the allocator's noise floor.
+GF_MEMORY_FRACTION = 0.10
+GF_MEMORY_FLOOR = 1 * MIB
+# Growth limits on live tensor bytes (exact): the per-step diagnostics record (M's statistics and a map of at most
+# 48x48 per channel, kept for the REGDiagnostics node) is the only thing a run is meant to accumulate; its few
+# per-sample statistics add well under 1 KiB. Nothing may grow from run to run.
+RECORD_SLACK = 1024
+RUN_GROWTH_LIMIT = 0
+
+
+def _mib(values: list[int] | list[float]) -> str:
+    return Summary.of(values).format(".1f", MIB)
+
+
+def measurement_table(m: Measurement) -> str:
+    """Per configuration: step time, ratio to the bracketing CFG runs, exact tensor memory (peak, vs CFG, growth),
+    peak RSS."""
+    rows = []
+    ref = m.tensors.get(m.reference)
+    for name in m.configs:
+        runs = m.runs[name]
+        ratio = "1" if name == m.reference else Summary.of(m.ratios(name)).format(".2f")
+        tensor = m.tensors.get(name)
+        if tensor is not None and ref is not None:
+            t_peak = f"{tensor.peak / MIB:.1f}"
+            t_over = f"{(tensor.peak - ref.peak) / MIB:+.1f}"
+            growth = f"{tensor.step_growth / KIB:+.1f} / {tensor.run_growth / KIB:+.1f}"
+        else:
+            t_peak = t_over = growth = "n/a"
+        if m.memory_available:
+            rss = _mib([r.peak_extra for r in runs])
+            rss_over = "0" if name == m.reference else _mib(m.extra_over_reference(name))
+        else:
+            rss = rss_over = "n/a"
+        setup = Summary.of([r.setup for r in runs]).format(".2f")
+        rows.append(
+            [name, Summary.of(m.step_times(name)).format(".3f"), ratio, t_peak, t_over, growth, rss, rss_over, setup]
+        )
+    headers = [
+        "configuration",
+        "s/step",
+        "x CFG (bracketed)",
+        "tensor peak MiB",
+        "vs CFG",
+        "growth KiB /step /run",
+        "RSS peak MiB",
+        "RSS vs CFG",
+        "run setup s",
+    ]
+    repeats = min(len(runs) for runs in m.runs.values())  # the reference runs between all the others
+    title = (
+        f"{m.label}, latent {m.size}x{m.size}, batch 1: {m.steps} steps per run "
+        f"(s/step = mean of steps 1..{m.steps - 1}), {repeats} repeats "
+        + ("with a CFG run between every two runs" if m.sequence else "interleaved, ratios paired by repeat")
+        + "; median [min-max]"
+    )
+    notes = (
+        "tensor peak: live tensor bytes above the run's start (profiled run, exact); growth: live tensor bytes gained "
+        "per step (same-kind steps) / by one more run; RSS: resident-set high-water mark above the run's start "
+        "(timed runs)\n"
+    )
+    if m.record_bytes:
+        notes += f"expected per-step growth: the diagnostics record's M map, {m.record_bytes / KIB:.1f} KiB\n"
+    return format_table(headers, rows, title=title) + notes + growth_line(m) + "\n"
+
+
+def growth_line(m: Measurement) -> str:
+    steps = [r.step_growth for runs in m.runs.values() for r in runs]
+    seq = m.rss_sequence
+    return (
+        f"RSS growth: within runs (same-kind steps) max {max(steps) / MIB:+.1f} MiB; across {len(seq)} timed runs "
+        f"(RSS after each run, freed memory released) {seq[0] / MIB:.0f} -> {seq[-1] / MIB:.0f} MiB "
+        f"({(seq[-1] - seq[0]) / MIB:+.1f} MiB)\n"
+    )
+
+
+def breakdown_table(b: Breakdown) -> str:
+    """Median seconds of each piece, relative to a plain cond forward; graph sizes and peak memory of pieces."""
+    cond = b.seconds["cond"].median
+    rows = [[name, s.format(".1f", 1e-3), f"{s.median / cond:.2f}"] for name, s in b.seconds.items()]
+    title = f"where the time goes: {b.label}, latent {b.size}x{b.size}, {b.reps} interleaved repeats"
+    out = format_table(["piece", "ms", "x cond fwd"], rows, title=title)
+    out += "autograd graph (saved tensors, weights excluded): " + ", ".join(
+        f"{k} {v / MIB:.1f} MiB" for k, v in b.graph_bytes.items()
+    )
+    out += "\n"
+    if b.peaks:
+        out += "peak live tensor memory of single pieces: "
+        out += ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in b.peaks.items()) + "\n"
+    for key, value in b.notes.items():
+        out += f"{key}: {value}\n"
+    model = step_model(b)
+    if model:
+        rows = [[name, f"{value:.2f}"] for name, value in model.items()]
+        out += format_table(["step assembled from the pieces", "x CFG pass"], rows)
+    return out + "\n"
+
+
+def step_model(b: Breakdown) -> dict[str, float]:
+    """Step costs predicted from the pieces (medians), relative to CFG's batched pass.
+
+    The runtime's steps are: CFG = batched pass; vjp = cond with graph + backward + uncond; gradient-free = batched
+    pass + probe. The alternatives show what a different batching would cost.
+    """
+    sec = {k: v.median for k, v in b.seconds.items()}
+    base = sec.get("cond+uncond, batched (CFG's pass)")
+    need = ["cond with graph", "backward (cond with graph)", "uncond (inference_mode)", "FD probe: cond at x+h"]
+    if base is None or any(k not in sec for k in need):
+        return {}
+    vjp = sec["cond with graph"] + sec["backward (cond with graph)"] + sec["uncond (inference_mode)"]
+    gf = base + sec["FD probe: cond at x+h"]
+    out = {
+        "CFG: batched cond+uncond": 1.0,
+        "vjp (runtime): cond graph + backward + uncond": vjp / base,
+        "gradient-free (runtime): batched + probe": gf / base,
+        "vjp k=2: (fresh + batched) / 2": (vjp + base) / 2 / base,
+        "gradient-free k=2: (fresh + batched) / 2": (gf + base) / 2 / base,
+    }
+    b2 = "cond+uncond with graph (batch 2)"
+    if b2 in sec:
+        alt = sec[b2] + sec[f"backward ({b2})"]
+        out["alt. vjp: uncond batched into the graph pass"] = alt / base
+    if "cond at (x, x+h), batched" in sec:
+        alt = sec["cond at (x, x+h), batched"] + sec["uncond (inference_mode)"]
+        out["alt. gradient-free: (x, x+h) batched + uncond"] = alt / base
+    return out
+
+
+@dataclass
+class Target:
+    what: str
+    where: str
+    measured: str
+    met: bool | None  # None: not measurable in this run
+
+
+def _median_ratio(m: Measurement, name: str) -> float | None:
+    return statistics.median(m.ratios(name)) if name in m.runs else None
+
+
+def check_targets(measurements: list[Measurement], breakdowns: list[Breakdown]) -> list[Target]:
+    """Issue 5's targets, per model and latent size (medians of bracketed ratios; exact tensor memory)."""
+    graphs = {(b.label, b.size): b.graph_bytes.get("cond") for b in breakdowns}
+    out: list[Target] = []
+    for m in measurements:
+        where = f"{m.label} {m.size}x{m.size}"
+        for name, limit in (
+            ("REG vjp", VJP_MAX_RATIO),
+            ("REG gradient-free", GF_MAX_RATIO),
+            ("REG gradient-free k=2", GF_K2_MAX_RATIO),
+        ):
+            ratio = _median_ratio(m, name)
+            if ratio is not None:
+                out.append(Target(f"{name} step <= {limit}x CFG", where, f"{ratio:.2f}x", ratio <= limit))
+        graph = graphs.get((m.label, m.size))
+        if "REG gradient-free" in m.tensors and m.reference in m.tensors:
+            over = m.tensor_over_reference("REG gradient-free")
+            limit = GF_MEMORY_FRACTION * graph if graph else GF_MEMORY_FLOOR
+            out.append(
+                Target(
+                    "gradient-free: no extra activation memory",
+                    where,
+                    f"{over / MIB:+.2f} MiB tensors vs CFG (limit {limit / MIB:.1f} MiB)",
+                    over <= limit,
+                )
+            )
+        if "REG vjp" in m.tensors and m.reference in m.tensors:
+            over = m.tensor_over_reference("REG vjp")
+            if graph:
+                out.append(
+                    Target(
+                        "vjp peak <= CFG + one cond activation graph",
+                        where,
+                        f"{over / MIB:+.1f} MiB tensors vs CFG; graph {graph / MIB:.1f} MiB",
+                        over <= graph,
+                    )
+                )
+            else:
+                out.append(
+                    Target("vjp peak <= CFG + one cond graph", where, "graph not measured (--breakdown-reps 0)", None)
+                )
+        if m.tensors:
+            worst_step = max(m.tensors.items(), key=lambda kv: kv[1].step_growth)
+            worst_run = max(m.tensors.items(), key=lambda kv: kv[1].run_growth)
+            limit = m.record_bytes + RECORD_SLACK
+            out.append(
+                Target(
+                    "no per-step memory growth beyond the diagnostics record",
+                    where,
+                    f"max {worst_step[1].step_growth / KIB:+.1f} KiB/step ({worst_step[0]}); "
+                    f"record {m.record_bytes / KIB:.1f} KiB",
+                    worst_step[1].step_growth <= limit,
+                )
+            )
+            out.append(
+                Target(
+                    "no per-run memory growth",
+                    where,
+                    f"max {worst_run[1].run_growth / KIB:+.1f} KiB/run ({worst_run[0]})",
+                    worst_run[1].run_growth <= RUN_GROWTH_LIMIT,
+                )
+            )
+    return out
+
+
+def targets_table(targets: list[Target]) -> str:
+    rows = [[t.what, t.where, t.measured, {True: "met", False: "MISSED", None: "n/a"}[t.met]] for t in targets]
+    return format_table(["target", "where", "measured (median)", "verdict"], rows, title="targets") + "\n"
