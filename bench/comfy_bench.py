@@ -45,6 +45,9 @@ INTEGRATION = REPO / "tests" / "integration"
 CFG_SCALE = 4.0
 SAMPLER = "euler"  # one model evaluation per step
 SCHEDULER = "normal"
+# The integration tests' depth-2 MMDiT (2M parameters) takes milliseconds per step, which Python overhead dominates;
+# depth 6 (hidden 384, 22M parameters) makes the network the cost, as it is for real SD3 models.
+MMDIT_DEPTH = 6
 
 
 def import_comfyui(comfyui: Path, attention: str = "default") -> None:
@@ -121,6 +124,7 @@ class ComfyBench:
     def _load(self, key: str) -> Family:
         import comfy.sd
         import folder_paths
+        import tiny_models
         from prompts import NEGATIVE, POSITIVE
 
         import nodes
@@ -130,12 +134,13 @@ class ComfyBench:
                 model, clip, _vae = nodes.CheckpointLoaderSimple().load_checkpoint(self.tiny.sd15_checkpoint)[:3]
                 label, channels = "SD1.5 UNet (EPS)", 4
             elif key == "sd3":
-                model = nodes.UNETLoader().load_unet(self.tiny.sd3_unet, "default")[0]
+                name = tiny_models.ensure_mmdit(self.tiny.root, MMDIT_DEPTH)
+                model = nodes.UNETLoader().load_unet(name, "default")[0]
                 clip = comfy.sd.load_clip(
                     ckpt_paths=[folder_paths.get_full_path_or_raise("text_encoders", self.tiny.clip_l)],
                     clip_type=comfy.sd.CLIPType.SD3,
                 )
-                label, channels = "SD3 MMDiT (flow)", 16
+                label, channels = f"SD3 MMDiT depth {MMDIT_DEPTH} (flow)", 16
             else:
                 raise ValueError(f"unknown model family {key!r} (sd15, sd3)")
             positive = clip.encode_from_tokens_scheduled(clip.tokenize(POSITIVE))
@@ -305,8 +310,7 @@ class ComfyBench:
         trainable = sum(1 for p in params if p.requires_grad)
         s = sigma * x.new_ones(x.shape[0])
         flow = isinstance(base.model_sampling, comfy.model_sampling.CONST)
-        relative = rt.fd_relative_step(base) if hasattr(rt, "fd_relative_step") else rt.FD_RELATIVE_STEP
-        h = rt.rectify.fd_step(s, x, flow=flow, relative=relative)  # the runtime's probe
+        h = rt.rectify.fd_step(s, x, flow=flow, relative=rt.fd_relative_step(base))  # the runtime's probe
 
         def calc(conds, x_in, timestep=s):
             return comfy.samplers.calc_cond_batch(base, conds, x_in, timestep, model_options)
@@ -373,7 +377,8 @@ class ComfyBench:
         timers["uncond (no_grad)"] = simple(no_grad_uncond)
         timers["uncond (grad mode on)"] = simple(grad_mode_uncond)
         timers["FD probe: cond at x+h"] = simple(lambda: calc([pos], x + h))
-        timers["cond at (x, x+h), batched"] = simple(lambda: calc([pos], torch.cat([x, x + h])))
+        # the runtime's gradient-free pass: the probe is a third cond list, shifted by h inside apply_model
+        timers["cond+uncond+probe, batched (batch 3)"] = simple(lambda: calc([pos, neg, pos], x))
         pairs = {
             "cond with graph | backward": split([pos]),
             "cond+uncond with graph (batch 2) | backward": split([pos, neg]),

@@ -7,7 +7,7 @@ the graph. Each configuration does per step what the pack's runtime does:
 
 - CFG: one batched cond+uncond forward;
 - vjp: ``reg_factor_vjp`` of the cond branch, then the uncond forward;
-- gradient-free: the batched forward, then one cond forward at ``x + h`` (``reg_factor_fd`` with the known ``D_c``);
+- gradient-free: one batched forward of cond at ``x``, uncond at ``x`` and cond at ``x + h`` (the probe);
 - chain: cond forward with graph, uncond forward, ``chain_product`` with the guidance delta;
 - ``k = 2, 4``: a fresh M on every k-th evaluation, the batched forward and the last M in between.
 """
@@ -121,6 +121,13 @@ class CoreBench:
         out = self.net(torch.cat([x, x]), torch.cat([sigma, sigma]), labels)
         return out[:n], out[n:]
 
+    def _with_probe(self, x: Tensor, sigma: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``D_c(x), D_u(x), D_c(x + h)`` in one batch, like the runtime's gradient-free pass."""
+        n = x.shape[0]
+        labels = torch.tensor([self.cond] * n + [self.uncond] * n + [self.cond] * n)
+        out = self.net(torch.cat([x, x, x + h]), torch.cat([sigma, sigma, sigma]), labels)
+        return out[:n], out[n : 2 * n], out[2 * n :]
+
     def guided(self, config: Config, x: Tensor, sigma: Tensor, fresh: bool, state: dict) -> Tensor:
         """One guided evaluation in ComfyUI's form (cfg = uncond + s·(cond − uncond)), rectified by REG."""
 
@@ -138,8 +145,9 @@ class CoreBench:
                 d_c, m = rectify.reg_factor_vjp(lambda z: self._d(z, s_graph, self.cond), x, s_graph)
             d_u = self._d(x, sigma, self.uncond)
         elif config.estimator == "gradient-free":
-            d_c, d_u = self._pair(x, sigma)
-            _, m = rectify.reg_factor_fd(lambda z: self._d(z, sigma, self.cond), x, sigma, d_c=d_c)
+            h = rectify.fd_step(sigma, x, flow=False)
+            d_c, d_u, d_probe = self._with_probe(x, sigma, h)
+            m = (d_probe - d_c) / h * rectify.flow_factor(sigma, x, False)
         elif config.estimator == "chain":
             with graph_mode():
                 s_graph = sigma.clone()
@@ -246,6 +254,7 @@ class CoreBench:
             "cond": timed(lambda: self._d(x, sigma, self.cond)),
             "uncond (inference_mode)": timed(lambda: self._d(x, sigma, self.uncond)),
             "FD probe: cond at x+h": timed(lambda: self._d(x + h, sigma, self.cond)),
+            "cond+uncond+probe, batched (batch 3)": timed(lambda: self._with_probe(x, sigma, h)),
         }
         samples: dict[str, list[float]] = {name: [] for name in timers}
         samples["cond with graph"] = []

@@ -44,6 +44,7 @@ WRAPPER_KINDS = (
     WrappersMP.PREDICT_NOISE,
     WrappersMP.CALC_COND_BATCH,
     WrappersMP.DIFFUSION_MODEL,
+    WrappersMP.APPLY_MODEL,
 )
 CACHE_WRAPPER_KEYS = ("easycache", "lazycache")
 FD_RELATIVE_STEP = 1e-3
@@ -91,6 +92,16 @@ class StepCapture:
     m: torch.Tensor | None = None
     graph: tuple[torch.Tensor, torch.Tensor] | None = None  # (D_c with graph, leaf x) for the chain estimator
     factor: torch.Tensor | None = None
+    probe: FDProbe | None = None  # set while the main pass carries the gradient-free probe as an extra cond
+
+
+@dataclass
+class FDProbe:
+    """The finite-difference probe riding in the main pass: the cond-list index it occupies and its step ``h``."""
+
+    index: int
+    h: torch.Tensor
+    applied: bool = False
 
 
 @dataclass
@@ -109,6 +120,7 @@ class REGRun:
     evaluations: int = 0
     last_m: torch.Tensor | None = None
     record: RunRecord | None = None
+    batch_probe: bool = True  # False once a pass did not reach APPLY_MODEL with the probe (custom model code)
 
     def in_window(self, sigma: torch.Tensor) -> bool:
         """Whether REG acts at this σ (``start/end_percent`` mapped through the model's ``percent_to_sigma``)."""
@@ -243,7 +255,7 @@ class REGPatch:
         """Register the keyed wrappers with ``add_wrapper(type, key, fn)`` (see :func:`wrapper_adder`)."""
         for kind, fn in zip(
             WRAPPER_KINDS,
-            (self.outer_sample, self.predict_noise, self.calc_cond_batch, self.diffusion_model),
+            (self.outer_sample, self.predict_noise, self.calc_cond_batch, self.diffusion_model, self.apply_model),
             strict=True,
         ):
             add_wrapper(kind, WRAPPER_KEY, fn)
@@ -388,12 +400,47 @@ class REGPatch:
             cap.d_c = d_c.detach()
 
     def _gradient_free(self, run, cap, executor, model, conds, x_in, timestep, model_options):
-        out = executor(model, conds, x_in, timestep, model_options)
+        """``D_c``, the other branches and ``D_c(x + h)`` in one batched pass when possible, in two otherwise.
+
+        The probe is a copy of the conditional list appended to ``conds``: ComfyUI batches it with the others and
+        :meth:`apply_model` shifts its chunk by ``h``. ControlNet residuals are computed from the batch's input
+        before the network runs, so with a ControlNet (or when the shift never reached ``apply_model``) the probe
+        gets its own pass at ``x + h``.
+        """
         h = rectify.fd_step(timestep, x_in, flow=run.flow, relative=fd_relative_step(model))
-        shifted = executor(model, [conds[0]], x_in + h, timestep, model_options)[0]
+        if run.batch_probe and not any(c.get("control") is not None for c in conds[0]):
+            cap.probe = FDProbe(index=len(conds), h=h)
+            try:
+                *out, shifted = executor(model, [*conds, conds[0]], x_in, timestep, model_options)
+                applied = cap.probe.applied
+            finally:
+                cap.probe = None
+            if not applied:
+                log.info("REG: the batched probe did not reach apply_model; probing in a separate pass")
+                run.batch_probe = False
+                shifted = executor(model, [conds[0]], x_in + h, timestep, model_options)[0]
+        else:
+            out = executor(model, conds, x_in, timestep, model_options)
+            shifted = executor(model, [conds[0]], x_in + h, timestep, model_options)[0]
         cap.d_c = out[0]
         cap.m = (shifted - out[0]) / h * cap.factor
         return out
+
+    def apply_model(self, executor, x, t, *args, **kwargs):
+        """Shift the probe's chunks of the batch by ``h`` (see :meth:`_gradient_free`); otherwise pass through.
+
+        ``apply_model`` computes ``D`` from the ``x`` it receives, so shifting here gives exactly ``D_c(x + h)``.
+        """
+        run = self.run
+        probe = run.step.probe if run is not None and run.step is not None else None
+        options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        chunks = options.get("cond_or_uncond", [])
+        if probe is None or probe.index not in chunks:
+            return executor(x, t, *args, **kwargs)
+        parts = x.chunk(len(chunks))
+        x = torch.cat([p + probe.h if i == probe.index else p for p, i in zip(parts, chunks, strict=True)])
+        probe.applied = True
+        return executor(x, t, *args, **kwargs)
 
 
 SCHEDULE_KEY = "reg_schedule"

@@ -60,11 +60,13 @@ def load_family(tiny, family):
 ONE_STEP = {"sd15": {"denoise": 1.0, "scheduler": "normal"}, "sd3": {"denoise": 0.5, "scheduler": "simple"}}
 
 
-def reference_one_step(tiny, family, cfg, seed=42, batch_size=1, chain=False, sampling_patch=None):
+def reference_one_step(tiny, family, cfg, seed=42, batch_size=1, chain=False, sampling_patch=None, fd=False):
     """``D_c + a(σ)·∇_xΣD_c ⊙ (D_cfg − D_c)`` for one Euler step to σ = 0 (whose result is the denoised itself).
 
-    With ``chain`` the full chain rule instead: ``D_c + a(σ)·J_{D_c}ᵀ(D_cfg − D_c)``. ``sampling_patch`` is a
-    ComfyUI model-sampling node ``(class_type, inputs)`` applied first (e.g. v-prediction).
+    With ``chain`` the full chain rule instead: ``D_c + a(σ)·J_{D_c}ᵀ(D_cfg − D_c)``. With ``fd`` the gradient-free
+    estimator: ``∇_xΣD_c`` replaced by the forward difference ``(D_c(x + h) − D_c(x)) / h``, ``h = 1e-3`` times the
+    state's scale (√(1+σ²), or √((1−σ)²+σ²) for flow). ``sampling_patch`` is a ComfyUI model-sampling node
+    ``(class_type, inputs)`` applied first (e.g. v-prediction).
     """
     import comfy.model_sampling
     import comfy.sample
@@ -97,6 +99,14 @@ def reference_one_step(tiny, family, cfg, seed=42, batch_size=1, chain=False, sa
             if chain:
                 (jt_delta,) = torch.autograd.grad(d_c, leaf, grad_outputs=(d_cfg - d_c).detach())
         a = (1 - s).reshape(-1, 1, 1, 1) if flow else 1.0
+        if fd:
+            scale = torch.sqrt((1 - s) ** 2 + s**2) if flow else torch.sqrt(1 + s**2)
+            h = 1e-3 * scale.reshape(-1, 1, 1, 1)
+            guider.cfg = 1.0
+            d_shifted = model_k(x + h, s, **extra_args)
+            guider.cfg = cfg
+            seen["m"] = a * (d_shifted - d_c) / h
+            return (d_c + seen["m"] * (d_cfg - d_c)).detach()
         if chain:
             return (d_c + a * jt_delta).detach()
         (m,) = torch.autograd.grad(d_c.sum(), leaf)
@@ -130,6 +140,41 @@ def test_chain_estimator_one_step_equals_full_chain_rule(harness, tiny, family):
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) <= 1e-4 * scale
     assert float((want - vjp).abs().max()) > 1e-3 * scale  # the ablation really differs from the paper's REG
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_gradient_free_one_step_equals_forward_difference_in_one_batched_pass(harness, tiny, family):
+    """The probe rides in the main pass (one network call of batch 3 per step) and gives exactly the FD formula."""
+    import comfy.patcher_extension
+    import comfy.sample
+
+    setup = ONE_STEP[family]
+    gradient_free = [reg_patch(estimator="gradient-free")]
+    got = run_ksampler(harness, tiny, family=family, patches=gradient_free, steps=1, cfg=4.0, **setup)
+
+    model, positive, negative, channels = load_family(tiny, family)
+    batches = []
+
+    def count(executor, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_count", count)
+    latent = torch.zeros(1, channels, 4, 4)
+    with torch.inference_mode():
+        comfy.sample.sample(
+            _patched(counted, estimator="gradient-free"), comfy.sample.prepare_noise(latent, 0), 2, 4.0, "euler",
+            "normal", positive, negative, latent, seed=0,
+        )  # fmt: skip
+    assert batches == [3, 3]
+    want, m = reference_one_step(tiny, family, 4.0, fd=True)
+    vjp, _ = reference_one_step(tiny, family, 4.0)
+    scale = float(want.abs().max())
+    # float32 rounding of D (≈ 6e-8·|D|) divided by h = 1e-3·scale of the state: ~1e-4 of M, times |Δ| ≈ |D|
+    assert float((got - want).abs().max()) <= 2e-3 * scale
+    assert float((want - vjp).abs().max()) > 1e-3 * scale  # a random network's Jacobian is not symmetric
+    assert float((m - 1).abs().mean()) > 1e-2 and float(m.abs().mean()) > 1e-2
 
 
 def test_refresh_every_reuses_m_between_evaluations(harness, tiny):

@@ -119,11 +119,19 @@ def _sd15_unet() -> dict[str, torch.Tensor]:
     return randomise(_meta(build), SEEDS["sd15_unet"])
 
 
-def _sd3_mmdit() -> dict[str, torch.Tensor]:
+def sd3_config(depth: int) -> dict:
+    """``SD3_UNET_CONFIG`` for an MMDiT of ``depth`` joint blocks (ComfyUI derives hidden = 64·depth, heads = depth)."""
+    hidden = 64 * depth
+    embedder = {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": hidden}}
+    return {**SD3_UNET_CONFIG, "depth": depth, "context_embedder_config": embedder}
+
+
+def sd3_mmdit(depth: int = SD3_UNET_CONFIG["depth"]) -> dict[str, torch.Tensor]:
+    """Random SD3 MMDiT weights (diffusion-model keys, no prefix) of ``depth`` joint blocks."""
     import comfy.supported_models
 
     def build():
-        config = comfy.supported_models.SD3(dict(SD3_UNET_CONFIG))
+        config = comfy.supported_models.SD3(sd3_config(depth))
         config.set_inference_dtype(torch.float32, None)
         return config.get_model({}).diffusion_model
 
@@ -201,7 +209,7 @@ def _write_all(root: Path) -> None:
     _save(root / "checkpoints" / SD15_CHECKPOINT, checkpoint)
     del checkpoint, unet
 
-    mmdit = _sd3_mmdit()
+    mmdit = sd3_mmdit()
     _check_detection(mmdit, "", "SD3")
     _save(root / "diffusion_models" / SD3_MMDIT, mmdit)
     _save(root / "text_encoders" / CLIP_L, clip)
@@ -263,6 +271,22 @@ class TinyModels:
     sd3_unet: str = SD3_MMDIT  # UNETLoader: SD3 MMDiT (CONST flow)
     clip_l: str = CLIP_L  # CLIPLoader(type="sd3")
     sd3_vae: str = TAESD3  # VAELoader
+
+
+def ensure_mmdit(root: Path, depth: int) -> str:
+    """Build (once) an SD3 MMDiT of ``depth`` blocks next to the test models; returns its ``UNETLoader`` name.
+
+    For the benchmark, whose step times should be dominated by the network rather than by Python: depth 6 is
+    hidden 384, 6 heads, 22M parameters. The integration tests use the depth-2 model of :func:`ensure_models`.
+    """
+    name = f"sd3_mmdit_depth{depth}.safetensors"
+    path = root / "diffusion_models" / name
+    with _locked(root):
+        if not path.is_file():
+            state = sd3_mmdit(depth)
+            _check_detection(state, "", "SD3")
+            _save(path, state)
+    return name
 
 
 def prepare(root: Path) -> TinyModels:
