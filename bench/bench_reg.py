@@ -7,8 +7,8 @@
 ``ComfyUI/custom_nodes/<pack>`` layout, or ``~/ComfyUI``) the script re-executes itself under ComfyUI's interpreter,
 imports ComfyUI in-process, loads this pack through ComfyUI's own custom-node loader and samples with
 ``comfy.sample.sample`` (what KSampler calls: euler, normal schedule, cfg 4, batch 1) on the tiny random-weight models
-of tests/integration/tiny_models.py (SD1.5-shaped UNet, 36.7M parameters, EPS; SD3 MMDiT, 2M parameters, flow),
-built on first use and cached in tests/.models/. REG is applied through the pack's ``REGGuidance`` node class.
+of tests/integration/tiny_models.py (SD1.5-shaped UNet, 36.7M parameters, EPS; SD3 MMDiT at depth 6, 22M parameters,
+flow), built on first use and cached in tests/.models/. REG is applied through the pack's ``REGGuidance`` node class.
 **Without ComfyUI** (or with ``--core``) it runs the same configurations with the pure-torch core (reg_core.rectify)
 on a small random conv denoiser (bench/core_bench.py).
 
@@ -19,9 +19,9 @@ Timing. Every configuration runs ``--repeats`` times after one short warm-up rou
 runs: CFG A CFG B CFG C … CFG, the others' order rotating from repeat to repeat. A run's step time is the mean over
 steps 1…S−1 from the sampler's per-step callback; step 0 also carries the run's setup and is reported separately
 ("run setup"). With ``refresh_every`` k the timed steps contain fresh and reused evaluations in the proportion
-1 : k−1 (S − 1 is a multiple of 4 by default: 5 steps for the SD1.5 UNet, 17 for the millisecond-fast SD3 MMDiT and
-core denoiser). Each run's ratio to CFG is taken against the mean of the two CFG runs bracketing it and summarised
-as median [min–max], so a drifting, shared machine shows up as a wide range rather than as a bias.
+1 : k−1 (``--steps`` S must have S − 1 a multiple of 4; by default 5 steps for the SD1.5 UNet, 17 for the faster SD3
+MMDiT and core denoiser). Each run's ratio to CFG is taken against the mean of the two CFG runs bracketing it and
+summarised as median [min–max], so a drifting, shared machine shows up as a wide range rather than as a bias.
 
 Peak memory. CPU tensors live in ``malloc``ed memory, which ``tracemalloc`` does not see. Two measures, each sound
 for what it answers:
@@ -31,7 +31,7 @@ for what it answers:
   allocator's running total, so the peak above the run's start, the live bytes after every step (marked from the
   sampler's callback) and what a run leaves behind are exact and deterministic, independent of how ``malloc``
   recycles pages. The size of one conditional activation graph is measured exactly too, by summing the storages
-  autograd saves for backward (``saved_tensors_hooks``, weights excluded).
+  autograd saves for backward (``saved_tensors_hooks``, weights excluded), once per model and size (untimed).
 - *Resident set* (what the operating system sees, allocator slack included) in every timed run: before the run the
   script returns freed heap memory to the kernel (``gc`` + glibc ``malloc_trim``), resets the kernel's RSS high-water
   mark (``/proc/self/clear_refs`` ← 5, Linux ≥ 4.0) and reads the RSS; after the run it reads ``VmHWM``. The kernel
@@ -41,10 +41,11 @@ for what it answers:
   Without ``clear_refs`` the RSS columns read n/a. glibc's arenas make this figure noisy (tens of MiB at 64²); read
   the tensor columns for activation memory.
 
-Where the time goes. ``--breakdown-reps`` times the pieces of a step (the batched cond+uncond pass, cond and uncond
-alone in several grad modes, the cond pass with a graph and its backward, the finite-difference probe, batched
-alternatives, backward with the weights requiring grad) inside a real sampling context, through
-``comfy.samplers.calc_cond_batch`` with a real guider's processed conds.
+Where the time goes. ``--breakdown-reps`` times the pieces of a step (CFG's batched cond+uncond pass; cond alone;
+uncond alone in three grad modes; the finite-difference probe alone; the runtime's gradient-free pass, cond+uncond+probe
+batched (batch 3); the cond pass with a graph and its backward; the same for a batch-2 cond+uncond graph; backward with
+the weights requiring grad) inside a real sampling context, through ``comfy.samplers.calc_cond_batch`` with a real
+guider's processed conds. The pure-torch core times the same pieces where they exist (uncond in inference mode only).
 
 ``--threads N`` sets torch's intra-op threads (default: torch's choice). On a machine shared with other jobs, one
 thread per process gives far steadier timings (OpenMP threads spin at barriers when descheduled).
@@ -72,40 +73,60 @@ log = logging.getLogger("bench_reg")
 REEXEC_FLAG = "REG_BENCH_UNDER_COMFYUI"
 # Steps per run: S − 1 timed steps, a multiple of 4 so refresh_every 2 and 4 see their exact fresh/reused mix.
 DEFAULT_STEPS = {"sd15": 5, "sd3": 17, "core": 17}
+DEFAULT_MODELS = ["sd15", "sd3"]
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    from bench.benchlib import CONFIGS
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["sd15", "sd3"], choices=["sd15", "sd3"])
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument(
+        "--models", nargs="+", choices=DEFAULT_MODELS, help="ComfyUI only (default: %(choices)s)", metavar="MODEL"
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64], help="latent sizes in latent pixels")
     parser.add_argument(
         "--steps",
         type=int,
-        help="sampling steps per run, step 0 not timed (default: 5 for the SD1.5 UNet, 17 for the fast SD3 MMDiT "
-        "and the core denoiser, whose steps take milliseconds)",
+        help="sampling steps per run, step 0 not timed; steps - 1 must be a multiple of 4 (default: 5 for the SD1.5 "
+        "UNet, 17 for the faster SD3 MMDiT and the core denoiser, whose steps take milliseconds)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run (0: none)")
     parser.add_argument("--breakdown-reps", type=int, default=3, help="repeats of each piece (0: skip)")
-    parser.add_argument(
-        "--configs", nargs="+", default=[c.name for c in CONFIGS], metavar="NAME", help="subset of configurations"
-    )
+    parser.add_argument("--configs", nargs="+", metavar="NAME", help="subset of configurations (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--attention", default="default", choices=["default", "pytorch", "split"])
+    parser.add_argument(
+        "--attention", choices=["default", "pytorch", "split"], help="ComfyUI only: its attention (default: default)"
+    )
     parser.add_argument("--core", action="store_true", help="the pure-torch benchmark even if ComfyUI is found")
     parser.add_argument("--json", type=Path, help="also write every raw measurement here (e.g. bench/results/)")
     parser.add_argument("--report", type=Path, metavar="JSON", help="only print the tables of a --json file again")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse and check the arguments that need no torch (the re-exec decision comes before torch is imported)."""
     args = parser.parse_args(argv)
-    unknown = set(args.configs) - {c.name for c in CONFIGS}
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.steps is not None and (args.steps < 5 or (args.steps - 1) % 4):
+        parser.error(
+            "--steps must be 5, 9, 13, …: step 0 is not timed, and the timed steps (steps - 1) must be a multiple of 4 "
+            "so refresh_every 2 and 4 see their exact fresh/reused mix"
+        )
+    return args
+
+
+def check_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check ``--configs`` against the known configurations (imports torch) and make sure CFG, the reference, runs."""
+    from bench.benchlib import CONFIGS
+
+    names = [c.name for c in CONFIGS]
+    if args.configs is None:
+        args.configs = names
+    unknown = set(args.configs) - set(names)
     if unknown:
-        parser.error(f"unknown configurations {sorted(unknown)}; choose from {[c.name for c in CONFIGS]}")
+        parser.error(f"unknown configurations {sorted(unknown)}; choose from {names}")
     if "CFG" not in args.configs:
         args.configs.insert(0, "CFG")  # every ratio is to CFG
-    if args.steps is not None and args.steps < 3:
-        parser.error("--steps must be at least 3 (step 0 is not timed)")
-    return args
 
 
 def comfyui_interpreter() -> tuple[Path | None, str | None, str]:
@@ -116,7 +137,7 @@ def comfyui_interpreter() -> tuple[Path | None, str | None, str]:
     return comfyui, python, reason
 
 
-def maybe_reexec(core: bool) -> Path | None:
+def maybe_reexec(core: bool, argv: list[str]) -> Path | None:
     """Return ComfyUI's path when this process should benchmark it; re-exec under its interpreter when needed."""
     if core:
         return None
@@ -129,7 +150,7 @@ def maybe_reexec(core: bool) -> Path | None:
     log.info("re-running under ComfyUI's interpreter %s", python)
     env = {**os.environ, REEXEC_FLAG: "1"}
     sys.stdout.flush()
-    os.execve(python, [python, str(Path(__file__).resolve()), *sys.argv[1:]], env)
+    os.execve(python, [python, str(Path(__file__).resolve()), *argv], env)
     return None  # not reached
 
 
@@ -143,7 +164,7 @@ def run_comfyui(args: argparse.Namespace, comfyui: Path) -> tuple[list, list, st
     from bench.benchlib import CONFIGS
 
     try:
-        bench = comfy_bench.ComfyBench(comfyui, args.attention)
+        bench = comfy_bench.ComfyBench(comfyui, args.attention or "default")
     except ImportError as exc:
         raise SystemExit(
             f"ComfyUI at {comfyui} does not import with {sys.executable} ({exc}); fix that install, point "
@@ -153,7 +174,7 @@ def run_comfyui(args: argparse.Namespace, comfyui: Path) -> tuple[list, list, st
     header = f"ComfyUI at {comfyui}; attention {bench.attention}; pack loaded as {bench.pack.module_name}"
     write(header + "\n\n")
     measurements, breakdowns = [], []
-    for key in args.models:
+    for key in args.models or DEFAULT_MODELS:
         fam = bench.family(key)
         write(f"{fam.label}: {fam.params / 1e6:.2f}M parameters\n")
         for size in args.sizes:
@@ -180,7 +201,7 @@ def run_core(args: argparse.Namespace) -> tuple[list, list, str]:
 
     bench = core_bench.CoreBench()
     configs = [c for c in CONFIGS if c.name in args.configs]
-    header = f"pure-torch core benchmark (no ComfyUI): {core_bench.describe()}"
+    header = f"pure-torch core benchmark (no ComfyUI): {bench.describe()}"
     write(header + "\n\n")
     measurements, breakdowns = [], []
     for size in args.sizes:
@@ -200,9 +221,12 @@ def reprint(path: Path) -> int:
     from bench import report
     from bench.benchlib import breakdown_from_dict, measurement_from_dict
 
-    payload = json.loads(path.read_text())
-    measurements = [measurement_from_dict(m) for m in payload["measurements"]]
-    breakdowns = [breakdown_from_dict(b) for b in payload["breakdowns"]]
+    try:
+        payload = json.loads(path.read_text())
+        measurements = [measurement_from_dict(m) for m in payload["measurements"]]
+        breakdowns = [breakdown_from_dict(b) for b in payload["breakdowns"]]
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot re-print {path}: {exc}") from None
     write(f"REG benchmark (from {path}): {payload['environment']}\n{payload['header']}\n\n")
     for b in breakdowns:
         write(report.breakdown_table(b))
@@ -213,7 +237,7 @@ def reprint(path: Path) -> int:
     for m in measurements:
         if (m.label, m.size) not in shown:
             write(report.measurement_table(m))
-    write(report.targets_table(report.check_targets(measurements, breakdowns)))
+    write(report.targets_table(report.check_targets(measurements)))
     return 0
 
 
@@ -221,10 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # ComfyUI logs every model load
     log.setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
-    if "--report" in argv:
-        return reprint(parse_args(argv).report)
-    comfyui = maybe_reexec("--core" in argv)  # before importing torch here: the other interpreter imports its own
-    args = parse_args(argv)
+    parser = make_parser()
+    args = parse_args(parser, argv)
+    if args.report is not None:
+        return reprint(args.report)
+    comfyui = maybe_reexec(args.core, argv)  # before importing torch here: the other interpreter imports its own
+    check_configs(parser, args)
+    if comfyui is None:
+        ignored = [flag for flag, value in (("--models", args.models), ("--attention", args.attention)) if value]
+        if ignored:
+            log.warning("%s only apply to the ComfyUI benchmark: ignored by the pure-torch core", " and ".join(ignored))
     import torch
 
     if args.threads > 0:
@@ -238,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         measurements, breakdowns, header = run_comfyui(args, comfyui)
     else:
         measurements, breakdowns, header = run_core(args)
-    write(report.targets_table(report.check_targets(measurements, breakdowns)))
+    write(report.targets_table(report.check_targets(measurements)))
     write(f"total {time.perf_counter() - start:.0f} s\n")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

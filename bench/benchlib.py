@@ -59,13 +59,6 @@ class Summary:
         return f"{mid} [{lo}–{hi}]"
 
 
-def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
-    """Ratios of measurements taken in the same repeat (pair by pair), so a drift of the machine cancels out."""
-    if len(numerators) != len(denominators):
-        raise ValueError(f"unpaired measurements: {len(numerators)} vs {len(denominators)}")
-    return [n / d for n, d in zip(numerators, denominators, strict=True)]
-
-
 def interleaved(names: Sequence[str], repeats: int) -> list[tuple[int, str]]:
     """``(repeat, name)`` in run order: every name once per repeat (A B C, B C A, C A B, …).
 
@@ -236,14 +229,15 @@ class TensorRecorder:
 
 @dataclass
 class TensorTrace:
-    """Live CPU tensor bytes allocated inside a profiled block (allocations before the block are not counted)."""
+    """Live CPU tensor bytes inside a profiled block, relative to the level just before the block's first allocator
+    event (tensors allocated before the block are not counted)."""
 
     times: list[float]  # profiler timestamps (µs) of the allocator events, ascending
-    live: list[int]  # live bytes after each event
+    live: list[int]  # live bytes after each event, relative to the level before the first event
     mark_times: list[float]
 
     def at(self, mark: int) -> int:
-        """Live bytes at a mark."""
+        """Live bytes at a mark (0 before the first event)."""
         i = bisect.bisect_right(self.times, self.mark_times[mark])
         return self.live[i - 1] if i else 0
 
@@ -259,10 +253,13 @@ class TensorTrace:
 def tensor_memory() -> Iterator[TensorRecorder]:
     """Track every CPU tensor allocation and free inside the block with the PyTorch profiler (``profile_memory``).
 
-    The profiler's allocator events carry the running total of bytes allocated since profiling started, exact and
-    independent of how ``malloc`` recycles pages, so peaks, the size of what a run leaves behind and the live bytes
-    at each :meth:`TensorRecorder.mark` are deterministic. The events are read from the profiler's documented
-    Chrome-trace export. Profiling slows execution down, so profiled runs are never timed.
+    Every allocator event carries its size (``Bytes``, negative for a free) and the allocator's running total
+    (``Total Allocated``), exact and independent of how ``malloc`` recycles pages, so peaks, the size of what a run
+    leaves behind and the live bytes at each :meth:`TensorRecorder.mark` are deterministic. The running total is
+    process-wide and only counts while a profiler records: a tensor allocated in an earlier profiled block and freed
+    after that block ended stays in it. The levels are therefore taken relative to the level just before the block's
+    first event (its total minus its size). The events are read from the profiler's documented Chrome-trace export.
+    Profiling slows execution down, so profiled runs are never timed.
     """
     recorder = TensorRecorder()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -274,14 +271,15 @@ def tensor_memory() -> Iterator[TensorRecorder]:
             data = json.load(handle)
     events = data["traceEvents"] if isinstance(data, dict) else data
     memory = sorted(
-        (float(e["ts"]), int(e["args"]["Total Allocated"]))
+        (float(e["ts"]), int(e["args"]["Total Allocated"]), int(e["args"]["Bytes"]))
         for e in events
         if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
     )
+    before = memory[0][1] - memory[0][2] if memory else 0  # the running total just before the first event
     marks = {e["name"]: float(e["ts"]) for e in events if str(e.get("name", "")).startswith(MARK)}
     recorder.trace = TensorTrace(
-        times=[t for t, _ in memory],
-        live=[v for _, v in memory],
+        times=[t for t, _, _ in memory],
+        live=[total - before for _, total, _ in memory],
         mark_times=[marks[f"{MARK}{i}"] for i in range(recorder.count)],
     )
 
@@ -400,10 +398,11 @@ class Measurement:
     runs: dict[str, list[RunStats]]
     rss_sequence: list[int]  # RSS after every run, in run order
     memory_available: bool
+    sequence: list[str]  # names in run order (see :func:`bracketed`)
     tensors: dict[str, TensorProfile] = field(default_factory=dict)
     record_bytes: int = 0  # what the runtime's per-step diagnostics record is expected to keep (0: no records)
+    graph_bytes: int = 0  # saved tensors of one conditional autograd graph, weights excluded (0: not measured)
     reference: str = "CFG"
-    sequence: list[str] = field(default_factory=list)  # names in run order (see :func:`bracketed`)
 
     def step_times(self, name: str) -> list[float]:
         return [r.steady_step for r in self.runs[name]]
@@ -428,9 +427,7 @@ class Measurement:
         """Steady step time over the reference's: each run against the reference runs bracketing it."""
         if name == self.reference:
             return [1.0] * len(self.runs[name])
-        if self.sequence:
-            return [a / b for a, b in self._bracketed(name, lambda r: r.steady_step)]
-        return paired_ratios(self.step_times(name), self.step_times(self.reference))
+        return [a / b for a, b in self._bracketed(name, lambda r: r.steady_step)]
 
     def tensor_over_reference(self, name: str) -> int:
         """Peak live tensor bytes minus the reference's."""
@@ -440,11 +437,7 @@ class Measurement:
         """Peak extra RSS minus the reference's (bracketing reference runs, as for :meth:`ratios`)."""
         if name == self.reference:
             return [0.0] * len(self.runs[name])
-        if self.sequence:
-            return [a - b for a, b in self._bracketed(name, lambda r: r.peak_extra)]
-        ours = [r.peak_extra for r in self.runs[name]]
-        ref = [r.peak_extra for r in self.runs[self.reference]]
-        return [a - b for a, b in zip(ours, ref, strict=True)]
+        return [a - b for a, b in self._bracketed(name, lambda r: r.peak_extra)]
 
 
 @dataclass
@@ -461,7 +454,13 @@ class Breakdown:
 
 
 def measurement_from_dict(data: dict) -> Measurement:
-    """Rebuild a :class:`Measurement` from its ``dataclasses.asdict`` form (``bench_reg.py --json``)."""
+    """Rebuild a :class:`Measurement` from its ``dataclasses.asdict`` form (``bench_reg.py --json``).
+
+    Fields added later (``graph_bytes``) take their defaults; results without a run order (written before CFG runs
+    bracketed every other run) cannot give bracketed ratios and are refused.
+    """
+    if not data.get("sequence"):
+        raise ValueError("no run order ('sequence'): written before the bracketed runs; re-run the benchmark")
     data = dict(data)
     data["runs"] = {name: [RunStats(**r) for r in runs] for name, runs in data["runs"].items()}
     data["tensors"] = {name: TensorProfile(**t) for name, t in data.get("tensors", {}).items()}

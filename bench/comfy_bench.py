@@ -9,8 +9,6 @@ tests/integration/tiny_models.py (built on first use, cached in tests/.models/).
 from __future__ import annotations
 
 import contextlib
-import itertools
-import logging
 import sys
 import tempfile
 import time
@@ -37,8 +35,6 @@ from bench.benchlib import (
     saved_tensor_bytes,
     tensor_memory,
 )
-
-log = logging.getLogger("bench_reg")
 
 REPO = Path(__file__).resolve().parents[1]
 INTEGRATION = REPO / "tests" / "integration"
@@ -188,19 +184,21 @@ class ComfyBench:
 
         latent = torch.zeros(1, fam.channels, size, size)
         noise = comfy.sample.prepare_noise(latent, seed)
-        marks: list[float] = []
+        seconds: list[float] = []
         step_rss: list[int] = []
         step_marks: list[int] = []
+        start = [0.0]  # when the current step started
 
         def callback(step, x0, x, total_steps):
-            marks.append(time.perf_counter())
-            step_rss.append(rss_bytes())
+            seconds.append(time.perf_counter() - start[0])
+            step_rss.append(rss_bytes())  # between the step's end and the next step's start: not timed
             if recorder is not None:
                 step_marks.append(recorder.mark())
+            start[0] = time.perf_counter()
 
         if memory is not None:
             memory.start()
-        start = time.perf_counter()
+        start[0] = time.perf_counter()
         with torch.inference_mode():
             comfy.sample.sample(
                 model,
@@ -218,9 +216,8 @@ class ComfyBench:
             )
         peak = memory.extra() if memory is not None else 0
         release_memory()
-        marks.insert(0, start)
         return RunStats(
-            step_seconds=[b - a for a, b in itertools.pairwise(marks)],
+            step_seconds=seconds,
             peak_extra=peak,
             step_rss=step_rss,
             rss_after=rss_bytes(),
@@ -232,7 +229,8 @@ class ComfyBench:
         self, fam: Family, size: int, configs: list[Config], *, steps: int, repeats: int, warmup_steps: int
     ) -> Measurement:
         """Every configuration ``repeats`` times with a CFG run between every two (CFG A CFG B … CFG, rotating), after
-        one warm-up round; then two profiled runs of each for the exact tensor memory (never timed).
+        one warm-up round; then two profiled runs of each for the exact tensor memory (never timed), and the size of
+        one conditional autograd graph (one untimed forward).
 
         The warm-up round (``warmup_steps`` steps per configuration, not counted) also makes the weights
         differentiable (the pack's de-inference on its first run), so every timed run, CFG included, sees the same
@@ -259,10 +257,18 @@ class ComfyBench:
                 return self.sample_run(models[c.name], fam, size, steps, 0, c.refresh_every, recorder=recorder)
 
             tensors[c.name] = profile_runs(run, c.refresh_every)
-        names = [c.name for c in configs]
-        record = self._record_bytes(fam, size)
         return Measurement(
-            fam.label, size, steps, names, runs, rss_sequence, memory.available, tensors, record, sequence=sequence
+            fam.label,
+            size,
+            steps,
+            configs=[c.name for c in configs],
+            runs=runs,
+            rss_sequence=rss_sequence,
+            memory_available=memory.available,
+            sequence=sequence,
+            tensors=tensors,
+            record_bytes=self._record_bytes(fam, size),
+            graph_bytes=self.in_sampling_context(fam, size, self._cond_graph_bytes),
         )
 
     def _record_bytes(self, fam: Family, size: int) -> int:
@@ -272,20 +278,16 @@ class ComfyBench:
 
     # --- where a step's time goes ---
 
-    def breakdown(self, fam: Family, size: int, reps: int) -> Breakdown:
-        """Time the pieces of CFG and REG steps inside a real sampling context (a custom one-step sampler).
-
-        The pieces call ``comfy.samplers.calc_cond_batch`` (what the pack's CALC_COND_BATCH wrapper calls as its
-        executor) with the processed conds of a real guider, in the grad modes the runtime uses.
-        """
+    def in_sampling_context(self, fam: Family, size: int, fn: Callable[..., Any]) -> Any:
+        """``fn(guider, x, sigma, model_options)`` called inside a real sampling run (a custom one-step sampler, the
+        family's CFG guider, latent ``size``); returns its result."""
         import comfy.sample
         import comfy.samplers
 
-        result: dict[str, Any] = {}
+        result = []
 
         def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            guider = model_k.inner_model
-            result.update(self._pieces(guider, x, sigmas[1], extra_args["model_options"], fam, reps))
+            result.append(fn(model_k.inner_model, x, sigmas[1], extra_args["model_options"]))
             return x
 
         guider = comfy.samplers.CFGGuider(fam.model)
@@ -296,17 +298,41 @@ class ComfyBench:
         sigmas = comfy.samplers.calculate_sigmas(fam.model.get_model_object("model_sampling"), SCHEDULER, 4)
         with torch.inference_mode():
             guider.sample(noise, latent, comfy.samplers.KSAMPLER(sampler_fn), sigmas, seed=0)
-        return Breakdown(fam.label, size, reps, **result)
+        return result[0]
 
-    def _pieces(self, guider, x, sigma, model_options, fam: Family, reps: int) -> dict[str, Any]:
+    def _differentiable_base(self, guider) -> tuple[Any, Any, Any, list[torch.Tensor]]:
+        """The guider's model with the runtime's de-inferenced weights, its processed conds and its parameters."""
+        base = guider.inner_model
+        pos, neg = guider.conds["positive"], guider.conds["negative"]
+        self.runtime.make_differentiable(self.runtime._differentiable_modules(base, [pos, neg]))
+        return base, pos, neg, list(base.parameters())
+
+    def _cond_graph_bytes(self, guider, x, sigma, model_options) -> int:
+        """Saved-tensor bytes of the cond branch's autograd graph, weights excluded (one forward, untimed)."""
+        base, pos, _neg, params = self._differentiable_base(guider)
+        with saved_tensor_bytes(exclude=params) as saved:
+            outs, leaf = _graph_forward(base, [pos], x, sigma * x.new_ones(x.shape[0]), model_options)
+        del outs, leaf
+        return saved.bytes
+
+    def breakdown(self, fam: Family, size: int, reps: int) -> Breakdown:
+        """Time the pieces of CFG and REG steps inside a real sampling context (:meth:`in_sampling_context`).
+
+        The pieces call ``comfy.samplers.calc_cond_batch`` (what the pack's CALC_COND_BATCH wrapper calls as its
+        executor) with the processed conds of a real guider, in the grad modes the runtime uses.
+        """
+
+        def pieces(guider, x, sigma, model_options) -> dict[str, Any]:
+            return self._pieces(guider, x, sigma, model_options, reps)
+
+        return Breakdown(fam.label, size, reps, **self.in_sampling_context(fam, size, pieces))
+
+    def _pieces(self, guider, x, sigma, model_options, reps: int) -> dict[str, Any]:
         import comfy.model_sampling
         import comfy.samplers
 
-        base = guider.inner_model
-        pos, neg = guider.conds["positive"], guider.conds["negative"]
+        base, pos, neg, params = self._differentiable_base(guider)
         rt = self.runtime
-        rt.make_differentiable(rt._differentiable_modules(base, [pos, neg]))
-        params = list(base.parameters())
         trainable = sum(1 for p in params if p.requires_grad)
         s = sigma * x.new_ones(x.shape[0])
         flow = isinstance(base.model_sampling, comfy.model_sampling.CONST)
@@ -316,11 +342,7 @@ class ComfyBench:
             return comfy.samplers.calc_cond_batch(base, conds, x_in, timestep, model_options)
 
         def graph_forward(conds):
-            """Like the runtime: a grad-requiring copy of x, a cloned σ, autograd on, outside inference mode."""
-            with torch.inference_mode(False), torch.enable_grad():
-                leaf = x.detach().clone().requires_grad_(True)
-                outs = calc(conds, leaf, s.clone())
-            return outs, leaf
+            return _graph_forward(base, conds, x, s, model_options)
 
         def backward(out, leaf):
             with torch.inference_mode(False), torch.enable_grad():
@@ -390,9 +412,8 @@ class ComfyBench:
             samples[fwd] = []
             samples[f"{bwd} ({fwd})"] = []
         names = list(timers) + list(pairs)
-        for _ in range(1):  # warm-up
-            for name in names:
-                (timers.get(name) or pairs[name])()
+        for name in names:  # warm-up
+            (timers.get(name) or pairs[name])()
         for _, name in interleaved(names, reps):
             if name in timers:
                 samples[name].append(timers[name]())
@@ -457,6 +478,16 @@ class ComfyBench:
             "peaks": peaks,
             "notes": notes,
         }
+
+
+def _graph_forward(base, conds, x, s, model_options):
+    """Like the runtime: a grad-requiring copy of x, a cloned σ, autograd on, outside inference mode."""
+    import comfy.samplers
+
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = x.detach().clone().requires_grad_(True)
+        outs = comfy.samplers.calc_cond_batch(base, conds, leaf, s.clone(), model_options)
+    return outs, leaf
 
 
 def _first(outs_leaf):

@@ -15,7 +15,6 @@ the graph. Each configuration does per step what the pack's runtime does:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Callable
 
@@ -112,6 +111,12 @@ class CoreBench:
         self.params = sum(p.numel() for p in self.net.parameters())
         self.cond, self.uncond = 0, self.net.classes
 
+    def describe(self) -> str:
+        blocks, width = len(self.net.blocks), self.net.conv_in.out_channels
+        return (
+            f"TinyDenoiser: {blocks} residual conv blocks, width {width}, {self.params / 1e6:.2f}M parameters, EDM/VE"
+        )
+
     def _d(self, x: Tensor, sigma: Tensor, label: int) -> Tensor:
         return self.net(x, sigma, torch.full((x.shape[0],), label, dtype=torch.long))
 
@@ -175,7 +180,7 @@ class CoreBench:
         gen = torch.Generator().manual_seed(seed)
         sigmas = karras_sigmas(steps, 0.03, 14.6)
         fresh = fresh_evaluations(steps, config.refresh_every)
-        marks, step_rss, step_marks, state = [], [], [], {}
+        seconds, step_rss, step_marks, state = [], [], [], {}
         if memory is not None:
             memory.start()
         start = time.perf_counter()
@@ -185,15 +190,14 @@ class CoreBench:
                 sigma = torch.full((1,), sigmas[i])
                 d = self.guided(config, x, sigma, fresh[i], state)
                 x = x + (sigmas[i + 1] - sigmas[i]) * (x - d) / sigmas[i]
-                marks.append(time.perf_counter())
-                step_rss.append(rss_bytes())
+                seconds.append(time.perf_counter() - start)
+                step_rss.append(rss_bytes())  # between the step's end and the next step's start: not timed
                 if recorder is not None:
                     step_marks.append(recorder.mark())
+                start = time.perf_counter()
         peak = memory.extra() if memory is not None else 0
         state.clear()
         release_memory()
-        marks.insert(0, start)
-        seconds = [b - a for a, b in itertools.pairwise(marks)]
         return RunStats(seconds, peak, step_rss, rss_bytes(), config.refresh_every, step_marks)
 
     def measure(self, size: int, configs: list[Config], *, steps: int, repeats: int, warmup_steps: int) -> Measurement:
@@ -217,10 +221,31 @@ class CoreBench:
                 return self.sample_run(c, size, steps, seed=0, recorder=recorder)
 
             tensors[c.name] = profile_runs(run, c.refresh_every)
-        names = [c.name for c in configs]
         return Measurement(
-            self.label, size, steps, names, runs, rss_sequence, memory.available, tensors, sequence=sequence
+            self.label,
+            size,
+            steps,
+            configs=[c.name for c in configs],
+            runs=runs,
+            rss_sequence=rss_sequence,
+            memory_available=memory.available,
+            sequence=sequence,
+            tensors=tensors,
+            graph_bytes=self.cond_graph_bytes(size),
         )
+
+    def _graph_forward(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """The cond branch with an autograd graph, as the vjp estimator records it."""
+        with graph_mode():
+            return rectify.denoise_with_graph(lambda z: self._d(z, sigma.clone(), self.cond), x)
+
+    def cond_graph_bytes(self, size: int) -> int:
+        """Saved-tensor bytes of one conditional autograd graph (weights excluded); untimed, one forward."""
+        x = torch.zeros(1, 4, size, size)
+        with saved_tensor_bytes(exclude=list(self.net.parameters())) as saved:
+            d, leaf = self._graph_forward(x, torch.full((1,), 1.0))
+        del d, leaf
+        return saved.bytes
 
     def breakdown(self, size: int, reps: int) -> Breakdown:
         """Median seconds of the pieces a step is made of (interleaved), and the cond branch's graph size."""
@@ -228,13 +253,9 @@ class CoreBench:
         sigma = torch.full((1,), 1.0)
         h = rectify.fd_step(sigma, x, flow=False)
 
-        def graph_forward() -> tuple[Tensor, Tensor]:
-            with graph_mode():
-                return rectify.denoise_with_graph(lambda z: self._d(z, sigma.clone(), self.cond), x)
-
         def fwd_bwd() -> tuple[float, float]:
             t0 = time.perf_counter()
-            d, leaf = graph_forward()
+            d, leaf = self._graph_forward(x, sigma)
             t1 = time.perf_counter()
             with graph_mode():
                 rectify.column_sums(d, leaf)
@@ -270,20 +291,11 @@ class CoreBench:
                 seconds = timers[name]()
                 if repeat:
                     samples[name].append(seconds)
-        with saved_tensor_bytes(exclude=list(self.net.parameters())) as saved:
-            d, leaf = graph_forward()
-        del d, leaf
         return Breakdown(
             self.label,
             size,
             reps,
             seconds={name: Summary.of(v) for name, v in samples.items()},
-            graph_bytes={"cond": saved.bytes},
+            graph_bytes={"cond": self.cond_graph_bytes(size)},
             notes={"parameters": f"{self.params / 1e6:.2f}M", "latent": f"1x4x{size}x{size}"},
         )
-
-
-def describe() -> str:
-    net = make_denoiser()
-    params = sum(p.numel() for p in net.parameters())
-    return f"TinyDenoiser: {len(net.blocks)} residual conv blocks, width 64, {params / 1e6:.2f}M parameters, EDM/VE"

@@ -1,6 +1,6 @@
 """How far the cheap REG estimators are from exact REG: the gradient-free M and the lagged M (``refresh_every``).
 
-    .venv/bin/python bench/quality.py              # both parts, about 5–10 minutes on 2 CPU cores
+    .venv/bin/python bench/quality.py              # both parts, about 3 minutes on 2 CPU cores
     .venv/bin/python bench/quality.py --skip-digits
 
 Pure torch (plus scikit-learn for part b, a dev dependency); no ComfyUI, nothing downloaded, nothing saved.
@@ -207,28 +207,27 @@ def toy_part(points: int, steps: int, w: float, seed: int) -> str:
     g_err = {n: by_sigma(samplers[n].evaluations, guidance_error) for n in tracked}
     g_star = by_sigma(samplers["REG vjp"].evaluations, lambda e: float(optimal_guidance(e)[1].norm(dim=1).mean()))
 
-    def table(values: dict[str, dict[float, float]], extra: tuple[str, dict[float, float]], spec: str) -> list[list]:
+    def table(values: dict[str, dict[float, float]], extra: dict[float, float], spec: str) -> list[list]:
+        """Rows per σ of each method's values, then the ``extra`` column; a last row of means over all σ."""
         rows = []
         for s in rows_sigma:
             rows.append([f"{s:.3g}", *(format(values[n].get(round(s, 10), float("nan")), spec) for n in values)])
-            rows[-1].append(format(extra[1].get(round(s, 10), float("nan")), spec))
+            rows[-1].append(format(extra.get(round(s, 10), float("nan")), spec))
         means = [statistics.fmean(v.values()) for v in values.values()]
-        rows.append(
-            ["mean (all σ)", *(format(v, spec) for v in means), format(statistics.fmean(extra[1].values()), spec)]
-        )
+        rows.append(["mean (all σ)", *(format(v, spec) for v in means), format(statistics.fmean(extra.values()), spec)])
         return rows
 
     out = f"(a) exact 2-D toy: w = {w:g}, Heun {steps} steps, {points} points, seed {seed}\n\n"
     names = [n for n in m_err]
     out += format_table(
         ["σ", *names, "|M − 1| (scale)"],
-        table(m_err, ("", m_scale), ".4f"),
+        table(m_err, m_scale, ".4f"),
         title="mean |M_used − M_exact| at each evaluation, along each method's own trajectory (exact = vjp there)",
     )
     out += "\n"
     out += format_table(
         ["σ", *g_err, "no guidance |g*|"],
-        table(g_err, ("", g_star), ".4f"),
+        table(g_err, g_star, ".4f"),
         title=f"mean ‖guidance − optimal guidance‖ along each method's own trajectory (first {ERROR_POINTS} points)",
     )
     out += "\n"
@@ -383,6 +382,7 @@ DIGIT_METHODS = (
     ("REG vjp k=2", "vjp", 2),
     ("REG vjp k=4", "vjp", 4),
     ("REG gradient-free k=2", "gradient-free", 2),
+    ("REG gradient-free k=4", "gradient-free", 4),
 )
 LAG_ROWS = (10.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05)
 
@@ -454,7 +454,6 @@ def digits_part(args: argparse.Namespace) -> str:
     dirs = torch.randn(128, 64, generator=torch.Generator().manual_seed(3))
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
     real = torch.cat([x_train, x_test])
-    real_y = torch.cat([y_train, y_test])
 
     def class_sw(samples: Tensor, reference: Tensor, reference_y: Tensor) -> float:
         return statistics.fmean(sliced_w2(samples[labels == c], reference[reference_y == c], dirs) for c in range(10))
@@ -475,7 +474,6 @@ def digits_part(args: argparse.Namespace) -> str:
         )
     floor = statistics.fmean(sliced_w2(x_train[y_train == c], x_test[y_test == c], dirs) for c in range(10))
     rows.append(["real train digits (floor)", "", "", f"{floor:.3f}", f"{float(real.std()):.3f}"])
-    del real_y
     out += format_table(
         ["method", "class accuracy", "confidence", "class SW2 to held-out", "pixel std"],
         rows,

@@ -1,22 +1,34 @@
-"""The benchmark helpers measure what they claim (bench/benchlib.py, bench/quality.py); nothing here is timed."""
+"""The benchmark helpers measure what they claim (bench/benchlib.py, bench/report.py, bench/quality.py); nothing here
+is timed."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import itertools
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from torch import nn
 
-from bench import quality
+from bench import core_bench, quality, report
 from bench.benchlib import (
     MIB,
+    Breakdown,
     Measurement,
     PeakMemory,
     RunStats,
+    Summary,
+    TensorProfile,
     bracketed,
+    breakdown_from_dict,
     fresh_evaluations,
     interleaved,
+    measurement_from_dict,
     rss_bytes,
     same_kind_growth,
     saved_tensor_bytes,
@@ -54,6 +66,22 @@ def test_tensor_memory_traces_live_bytes_and_peaks_exactly() -> None:
     assert [trace.at(m) for m in (start, after_a, after_b, end)] == [0, 4 * MIB, 4 * MIB, 0]
     assert 8 * MIB <= trace.peak(start, end) < 8 * MIB + 1024  # (plus the scalar 2, wrapped as a tensor)
     assert trace.peak(after_b, end) == 0
+
+
+def test_tensor_memory_is_not_offset_by_a_tensor_freed_after_an_earlier_session() -> None:
+    """The profiler's running total is process-wide: a tensor allocated in one session and freed after it ended is
+    never subtracted from it. The next session's levels must not carry it."""
+    with tensor_memory():
+        leftover = torch.empty(2**20)  # 4 MiB
+    del leftover  # freed while no profiler records
+    with tensor_memory() as rec:
+        start = rec.mark()
+        block = torch.empty(2**18)  # 1 MiB
+        end = rec.mark()
+    del block
+    assert rec.trace.at(start) == 0
+    assert rec.trace.at(end) == MIB
+    assert MIB <= rec.trace.peak(start, end) < MIB + 1024
 
 
 def test_peak_memory_keeps_a_freed_allocation_and_forgets_what_came_before_start() -> None:
@@ -106,7 +134,7 @@ def test_bracketed_order_and_ratios_use_the_neighbouring_reference_runs() -> Non
     runs: dict[str, list[RunStats]] = {"R": [], "A": [], "B": []}
     for name, slow in zip(order, speed, strict=True):
         runs[name].append(run(cost[name] * slow))
-    m = Measurement("toy", 32, 3, ["R", "A", "B"], runs, [0] * 9, False, reference="R", sequence=order)
+    m = Measurement("toy", 32, 3, ["R", "A", "B"], runs, [0] * 9, False, order, reference="R")
     assert m.ratios("A") == [1.5, 1.5]
     assert m.ratios("B") == [pytest.approx(2 / 1.5), 2.0]  # only the run straddling the change is off
 
@@ -128,3 +156,136 @@ def test_lagged_reg_with_k1_is_exact_reg_and_k2_reuses_the_previous_m() -> None:
             assert e.m_used is prev.m_used  # reused, not recomputed
             assert not torch.allclose(e.m_used, e.m_exact)  # and it differs from the fresh M at the new point
     assert not torch.allclose(lagged, exact)
+
+
+def test_setup_compares_step_0_with_the_later_fresh_steps_only() -> None:
+    """With refresh_every 2, steps 0, 2, 4 estimate M (3 s each, step 0 plus 2 s of setup) and steps 1, 3 reuse it
+    (1 s): the setup is step 0 minus a fresh step, not minus the mean of all later steps (2 s)."""
+    stats = RunStats(
+        step_seconds=[5.0, 1.0, 3.0, 1.0, 3.0], peak_extra=0, step_rss=[0] * 5, rss_after=0, refresh_every=2
+    )
+    assert stats.setup == 2.0
+    assert stats.steady_step == 2.0
+
+
+def _profile(peak_mib: float) -> TensorProfile:
+    return TensorProfile(peak=int(peak_mib * MIB), run_growth=0, step_live=[0, 0, 0])
+
+
+def _measurement(peaks_mib: dict[str, float], graph_bytes: int) -> Measurement:
+    """CFG bracketing every other configuration once; each run's steps take 1 s (ratios 1)."""
+    others = [name for name in peaks_mib if name != "CFG"]
+    sequence = [name for _, name in bracketed(["CFG", *others], "CFG", 1)]
+    runs: dict[str, list[RunStats]] = {name: [] for name in peaks_mib}
+    for name in sequence:
+        runs[name].append(RunStats(step_seconds=[1.0] * 3, peak_extra=0, step_rss=[0] * 3, rss_after=0))
+    return Measurement(
+        "toy",
+        32,
+        3,
+        configs=list(peaks_mib),
+        runs=runs,
+        rss_sequence=[0] * len(sequence),
+        memory_available=False,
+        sequence=sequence,
+        tensors={name: _profile(peak) for name, peak in peaks_mib.items()},
+        graph_bytes=graph_bytes,
+    )
+
+
+def test_memory_targets_hold_every_exact_configuration_to_cfg_plus_one_graph() -> None:
+    """CFG peaks at 10 MiB, one cond graph is 4 MiB: vjp and vjp k=2 stay within 14 MiB, chain (15 MiB) does not.
+    Gradient-free may add 0.6 x CFG's peak = 6 MiB: 5 MiB is within, k=2 at 7 MiB is not."""
+    peaks = {
+        "CFG": 10,
+        "REG vjp": 13.5,
+        "REG vjp k=2": 14,
+        "REG chain": 15,
+        "REG gradient-free": 15,
+        "REG gradient-free k=2": 17,
+    }
+    targets = report.check_targets([_measurement(peaks, graph_bytes=4 * MIB)])
+    verdicts = {t.what: t.met for t in targets if "graph" in t.what}
+    assert verdicts == {
+        "REG vjp peak <= CFG + one cond graph": True,
+        "REG vjp k=2 peak <= CFG + one cond graph": True,
+        "REG chain peak <= CFG + one cond graph": False,
+        "REG gradient-free: no graph, extra <= one sample's activations": True,
+        "REG gradient-free k=2: no graph, extra <= one sample's activations": False,
+    }
+
+
+def test_memory_targets_without_a_graph_size_are_not_measurable() -> None:
+    targets = report.check_targets([_measurement({"CFG": 10, "REG vjp": 11, "REG chain": 11}, graph_bytes=0)])
+    exact = [t for t in targets if "cond graph" in t.what]
+    assert [(t.what, t.met) for t in exact] == [
+        ("REG vjp peak <= CFG + one cond graph", None),
+        ("REG chain peak <= CFG + one cond graph", None),
+    ]
+    assert "n/a" in report.targets_table(exact)
+
+
+def test_results_survive_a_json_round_trip() -> None:
+    m = _measurement({"CFG": 10, "REG vjp": 13}, graph_bytes=4 * MIB)
+    m.runs["REG vjp"][0].step_marks = [3, 4, 5]
+    m.record_bytes = 2048
+    b = Breakdown("toy", 32, 2, seconds={"cond": Summary(0.1, 0.2, 0.3)}, graph_bytes={"cond": 7}, notes={"k": "v"})
+    m_json, b_json = (json.loads(json.dumps(dataclasses.asdict(x))) for x in (m, b))
+    assert measurement_from_dict(m_json) == m
+    assert breakdown_from_dict(b_json) == b
+    del m_json["graph_bytes"]  # written before the graph was measured with the runs
+    assert measurement_from_dict(m_json).graph_bytes == 0
+    del m_json["sequence"]  # written before the bracketed run order
+    with pytest.raises(ValueError, match="run order"):
+        measurement_from_dict(m_json)
+
+
+@pytest.fixture
+def bench_reg(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """bench/bench_reg.py as a module (it extends ``sys.path`` on import; the original path is restored after)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return importlib.import_module("bench.bench_reg")
+
+
+def test_cli_rejects_runs_that_would_crash_or_skew_the_refresh_mix(
+    bench_reg: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = bench_reg.make_parser()
+    for argv, message in (
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--steps", "7"], "multiple of 4"),
+        (["--steps", "1"], "multiple of 4"),
+        (["--repeat", "2"], "unrecognized arguments: --repeat"),  # no abbreviations
+    ):
+        with pytest.raises(SystemExit):
+            bench_reg.parse_args(parser, argv)
+        assert message in capsys.readouterr().err
+    args = bench_reg.parse_args(parser, ["--steps", "9", "--report=old.json", "--core"])
+    assert (args.steps, args.report, args.core, args.models, args.attention) == (9, Path("old.json"), True, None, None)
+
+
+def test_report_reprints_results_without_a_graph_size_and_refuses_them_without_a_run_order(
+    bench_reg: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = dataclasses.asdict(_measurement({"CFG": 10, "REG vjp": 13}, graph_bytes=0))
+    del data["graph_bytes"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"environment": "", "header": "", "measurements": [data], "breakdowns": []}))
+    assert bench_reg.reprint(path) == 0
+    out = capsys.readouterr().out
+    assert "REG vjp peak <= CFG + one cond graph" in out
+    assert "graph not measured" in out
+    del data["sequence"]
+    path.write_text(json.dumps({"environment": "", "header": "", "measurements": [data], "breakdowns": []}))
+    with pytest.raises(SystemExit, match="run order") as exc:
+        bench_reg.reprint(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_core_graph_size_counts_the_activations_of_one_conditional_pass() -> None:
+    """At least one width-64 float activation per residual block, growing with the latent's pixels (4x from 8x8 to
+    16x16, minus the pixel-independent embedding)."""
+    bench = core_bench.CoreBench()
+    small, large = bench.cond_graph_bytes(8), bench.cond_graph_bytes(16)
+    assert small >= len(bench.net.blocks) * 64 * 8 * 8 * 4
+    assert 3.5 * small < large <= 4 * small
