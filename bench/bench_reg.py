@@ -7,7 +7,7 @@
 ``ComfyUI/custom_nodes/<pack>`` layout, or ``~/ComfyUI``) the script re-executes itself under ComfyUI's interpreter,
 imports ComfyUI in-process, loads this pack through ComfyUI's own custom-node loader and samples with
 ``comfy.sample.sample`` (what KSampler calls: euler, normal schedule, cfg 4, batch 1) on the tiny random-weight models
-of tests/integration/tiny_models.py (SD1.5-shaped UNet, 36.7M parameters, EPS; SD3 MMDiT at depth 6, 22M parameters,
+of tests/integration/tiny_models.py (SD1.5-shaped UNet, 36.7M parameters, EPS; SD3 MMDiT at depth 6, 33M parameters,
 flow), built on first use and cached in tests/.models/. REG is applied through the pack's ``REGGuidance`` node class.
 **Without ComfyUI** (or with ``--core``) it runs the same configurations with the pure-torch core (reg_core.rectify)
 on a small random conv denoiser (bench/core_bench.py).
@@ -19,9 +19,10 @@ Timing. Every configuration runs ``--repeats`` times after one short warm-up rou
 runs: CFG A CFG B CFG C … CFG, the others' order rotating from repeat to repeat. A run's step time is the mean over
 steps 1…S−1 from the sampler's per-step callback; step 0 also carries the run's setup and is reported separately
 ("run setup"). With ``refresh_every`` k the timed steps contain fresh and reused evaluations in the proportion
-1 : k−1 (``--steps`` S must have S − 1 a multiple of 4; by default 5 steps for the SD1.5 UNet, 17 for the faster SD3
-MMDiT and core denoiser). Each run's ratio to CFG is taken against the mean of the two CFG runs bracketing it and
-summarised as median [min–max], so a drifting, shared machine shows up as a wide range rather than as a bias.
+1 : k−1 (``--steps`` S must have S − 1 a multiple of 4; by default 5 steps for the ComfyUI models, 17 for the core
+denoiser, whose steps take milliseconds). Each run's ratio to CFG is taken against the mean of the two CFG runs
+bracketing it and summarised as median [min–max], so a drifting, shared machine shows up as a wide range rather than
+as a bias.
 
 Peak memory. CPU tensors live in ``malloc``ed memory, which ``tracemalloc`` does not see. Two measures, each sound
 for what it answers:
@@ -72,7 +73,7 @@ import locate  # noqa: E402
 log = logging.getLogger("bench_reg")
 REEXEC_FLAG = "REG_BENCH_UNDER_COMFYUI"
 # Steps per run: S − 1 timed steps, a multiple of 4 so refresh_every 2 and 4 see their exact fresh/reused mix.
-DEFAULT_STEPS = {"sd15": 5, "sd3": 17, "core": 17}
+DEFAULT_STEPS = {"sd15": 5, "sd3": 5, "core": 17}
 DEFAULT_MODELS = ["sd15", "sd3"]
 
 
@@ -86,7 +87,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         help="sampling steps per run, step 0 not timed; steps - 1 must be a multiple of 4 (default: 5 for the SD1.5 "
-        "UNet, 17 for the faster SD3 MMDiT and the core denoiser, whose steps take milliseconds)",
+        "UNet and the SD3 MMDiT, 17 for the core denoiser, whose steps take milliseconds)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run (0: none)")

@@ -42,7 +42,7 @@ CFG_SCALE = 4.0
 SAMPLER = "euler"  # one model evaluation per step
 SCHEDULER = "normal"
 # The integration tests' depth-2 MMDiT (2M parameters) takes milliseconds per step, which Python overhead dominates;
-# depth 6 (hidden 384, 22M parameters) makes the network the cost, as it is for real SD3 models.
+# depth 6 (hidden 384, 33M parameters) makes the network the cost, as it is for real SD3 models.
 MMDIT_DEPTH = 6
 
 

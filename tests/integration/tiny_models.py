@@ -277,7 +277,7 @@ def ensure_mmdit(root: Path, depth: int) -> str:
     """Build (once) an SD3 MMDiT of ``depth`` blocks next to the test models; returns its ``UNETLoader`` name.
 
     For the benchmark, whose step times should be dominated by the network rather than by Python: depth 6 is
-    hidden 384, 6 heads, 22M parameters. The integration tests use the depth-2 model of :func:`ensure_models`.
+    hidden 384, 6 heads, 33M parameters. The integration tests use the depth-2 model of :func:`ensure_models`.
     """
     name = f"sd3_mmdit_depth{depth}.safetensors"
     path = root / "diffusion_models" / name
