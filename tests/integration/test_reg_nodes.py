@@ -177,6 +177,27 @@ def test_gradient_free_one_step_equals_forward_difference_in_one_batched_pass(ha
     assert float((m - 1).abs().mean()) > 1e-2 and float(m.abs().mean()) > 1e-2
 
 
+def test_gradient_free_probes_in_a_separate_pass_when_apply_model_is_bypassed(tiny, reg_pack, caplog):
+    """A unet wrapper that calls the model without ``apply_model`` (so the probe's shift never happens) must not
+    leave M = 0: the runtime notices and probes at ``x + h`` in its own pass, giving the same forward difference."""
+    import comfy.sample
+
+    model, positive, negative, channels = load_family(tiny, "sd15")
+    bypassed = model.clone()
+    bypassed.set_model_unet_function_wrapper(
+        lambda apply_model, args: apply_model.__self__._apply_model(args["input"], args["timestep"], **args["c"])
+    )
+    latent = torch.zeros(1, channels, 4, 4)
+    with caplog.at_level(logging.INFO, logger="reg_guidance"), torch.inference_mode():
+        got = comfy.sample.sample(
+            _patched(bypassed, estimator="gradient-free"), comfy.sample.prepare_noise(latent, 42), 1, 4.0, "euler",
+            "normal", positive, negative, latent, seed=42,
+        )  # fmt: skip
+    assert any("separate pass" in r.getMessage() for r in caplog.records)
+    want, _ = reference_one_step(tiny, "sd15", 4.0, fd=True)
+    assert float((got - want).abs().max()) <= 2e-3 * float(want.abs().max())
+
+
 def test_refresh_every_reuses_m_between_evaluations(harness, tiny):
     import json
 
