@@ -182,7 +182,7 @@ def check_targets(measurements: list[Measurement]) -> list[Target]:
         ):
             ratio = _median_ratio(m, name)
             if ratio is not None:
-                out.append(Target(f"{name} step <= {limit}x CFG", where, f"{ratio:.2f}x", ratio <= limit))
+                out.append(Target(f"{name} step <= {limit}x CFG", where, f"{ratio:.3f}x", ratio <= limit))
         ref = m.tensors.get(m.reference)
         for name in m.tensors:
             estimator = estimators.get(name)

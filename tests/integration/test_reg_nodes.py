@@ -105,7 +105,7 @@ def reference_one_step(tiny, family, cfg, seed=42, batch_size=1, chain=False, sa
             guider.cfg = 1.0
             d_shifted = model_k(x + h, s, **extra_args)
             guider.cfg = cfg
-            seen["m"] = a * (d_shifted - d_c) / h
+            seen["m"] = (a * (d_shifted - d_c) / h).detach()
             return (d_c + seen["m"] * (d_cfg - d_c)).detach()
         if chain:
             return (d_c + a * jt_delta).detach()
