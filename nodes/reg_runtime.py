@@ -121,6 +121,21 @@ class REGRun:
     last_m: torch.Tensor | None = None
     record: RunRecord | None = None
     batch_probe: bool = True  # False once a pass did not reach APPLY_MODEL with the probe (custom model code)
+    guider: Any = None
+
+    def positive_index(self, conds: list[Any]) -> int:
+        """Where the guider's positive conditioning sits in a ``calc_cond_batch`` call (index 0 unless found).
+
+        CFGGuider passes ``[positive, negative]``, but e.g. DualCFGGuider passes ``[negative, middle, positive]``:
+        the branch to differentiate is found by identity with the guider's processed ``conds["positive"]``.
+        """
+        conds_by_name = getattr(self.guider, "conds", None)
+        positive = conds_by_name.get("positive") if isinstance(conds_by_name, dict) else None
+        if positive is not None:
+            for i, cond in enumerate(conds):
+                if cond is positive:
+                    return i
+        return 0
 
     def in_window(self, sigma: torch.Tensor) -> bool:
         """Whether REG acts at this σ (``start/end_percent`` mapped through the model's ``percent_to_sigma``)."""
@@ -272,6 +287,7 @@ class REGPatch:
             sigma_high=float(sampling.percent_to_sigma(self.settings.start_percent)),
             sigma_low=float(sampling.percent_to_sigma(self.settings.end_percent)),
             estimator=estimator,
+            guider=guider,
         )
         run.record = RunRecord(run.sigma_low, run.sigma_high, flow, estimator.value)
         self.last_record = run.record
@@ -339,25 +355,26 @@ class REGPatch:
         if cap is None or cap.claimed:
             return executor(model, conds, x_in, timestep, model_options)
         cap.claimed = True
-        if len(conds) < 2 or conds[0] is None or conds[1] is None:
+        pos = run.positive_index(conds)
+        if conds[pos] is None or all(c is None for i, c in enumerate(conds) if i != pos):
             return executor(model, conds, x_in, timestep, model_options)  # cfg = 1: no guidance to rectify
         cap.factor = rectify.flow_factor(timestep, x_in, run.flow)
         run.evaluations += 1
         k = self.settings.refresh_every
         if k > 1 and (run.evaluations - 1) % k != 0 and run.last_m is not None and run.last_m.shape == x_in.shape:
             out = executor(model, conds, x_in, timestep, model_options)
-            cap.d_c, cap.m = out[0], run.last_m
+            cap.d_c, cap.m = out[pos], run.last_m
             return out
-        out = self._fresh(run, cap, executor, model, conds, x_in, timestep, model_options)
+        out = self._fresh(run, cap, executor, model, conds, pos, x_in, timestep, model_options)
         if k > 1:
             run.last_m = cap.m
         return out
 
-    def _fresh(self, run, cap, executor, model, conds, x_in, timestep, model_options):
-        """The main pass with a newly estimated M (exact, or gradient-free after a fallback)."""
+    def _fresh(self, run, cap, executor, model, conds, pos, x_in, timestep, model_options):
+        """The main pass with a newly estimated M (exact, or gradient-free after a fallback); ``pos``: positive."""
         if run.estimator is not Estimator.GRADIENT_FREE:
             try:
-                self._exact(run, cap, executor, model, conds, x_in, timestep, model_options)
+                self._exact(run, cap, executor, model, conds, pos, x_in, timestep, model_options)
             except torch.OutOfMemoryError:
                 cap.graph, cap.m, cap.d_c = None, None, None
                 comfy.model_management.soft_empty_cache()
@@ -366,8 +383,9 @@ class REGPatch:
                 cap.graph, cap.m, cap.d_c = None, None, None  # nothing half-made survives the fallback
                 run.fall_back(str(err).splitlines()[0] if str(err) else type(err).__name__)
             else:
-                return [cap.d_c, *executor(model, conds[1:], x_in, timestep, model_options)]
-        return self._gradient_free(run, cap, executor, model, conds, x_in, timestep, model_options)
+                others = executor(model, [*conds[:pos], *conds[pos + 1 :]], x_in, timestep, model_options)
+                return [*others[:pos], cap.d_c, *others[pos:]]
+        return self._gradient_free(run, cap, executor, model, conds, pos, x_in, timestep, model_options)
 
     def diffusion_model(self, executor, *args, **kwargs):
         """Check that the network output of the differentiated pass really depends on its input.
@@ -382,7 +400,7 @@ class REGPatch:
             raise NoGraphError("the network output carries no gradient")
         return out
 
-    def _exact(self, run, cap, executor, model, conds, x_in, timestep, model_options) -> None:
+    def _exact(self, run, cap, executor, model, conds, pos, x_in, timestep, model_options) -> None:
         """Record ``D_c`` and ``M`` (or the chain graph) from the conditional pass with autograd."""
         if not run.prepared:
             make_differentiable(_differentiable_modules(model, conds))
@@ -390,7 +408,7 @@ class REGPatch:
         with torch.inference_mode(False), torch.enable_grad():
             run.tracing = True
             try:
-                d_c, leaf = _cond_with_graph(executor, model, conds[0], x_in, timestep, model_options)
+                d_c, leaf = _cond_with_graph(executor, model, conds[pos], x_in, timestep, model_options)
             finally:
                 run.tracing = False
             if run.estimator is Estimator.CHAIN:
@@ -399,7 +417,7 @@ class REGPatch:
                 cap.m = rectify.column_sums(d_c, leaf) * cap.factor
             cap.d_c = d_c.detach()
 
-    def _gradient_free(self, run, cap, executor, model, conds, x_in, timestep, model_options):
+    def _gradient_free(self, run, cap, executor, model, conds, pos, x_in, timestep, model_options):
         """``D_c``, the other branches and ``D_c(x + h)`` in one batched pass when possible, in two otherwise.
 
         The probe is a copy of the conditional list appended to ``conds``: ComfyUI batches it with the others and
@@ -408,22 +426,22 @@ class REGPatch:
         gets its own pass at ``x + h``.
         """
         h = rectify.fd_step(timestep, x_in, flow=run.flow, relative=fd_relative_step(model))
-        if run.batch_probe and not any(c.get("control") is not None for c in conds[0]):
+        if run.batch_probe and not any(c.get("control") is not None for c in conds[pos]):
             cap.probe = FDProbe(index=len(conds), h=h)
             try:
-                *out, shifted = executor(model, [*conds, conds[0]], x_in, timestep, model_options)
+                *out, shifted = executor(model, [*conds, conds[pos]], x_in, timestep, model_options)
                 applied = cap.probe.applied
             finally:
                 cap.probe = None
             if not applied:
                 log.info("REG: the batched probe did not reach apply_model; probing in a separate pass")
                 run.batch_probe = False
-                shifted = executor(model, [conds[0]], x_in + h, timestep, model_options)[0]
+                shifted = executor(model, [conds[pos]], x_in + h, timestep, model_options)[0]
         else:
             out = executor(model, conds, x_in, timestep, model_options)
-            shifted = executor(model, [conds[0]], x_in + h, timestep, model_options)[0]
-        cap.d_c = out[0]
-        cap.m = (shifted - out[0]) / h * cap.factor
+            shifted = executor(model, [conds[pos]], x_in + h, timestep, model_options)[0]
+        cap.d_c = out[pos]
+        cap.m = (shifted - out[pos]) / h * cap.factor
         return out
 
     def apply_model(self, executor, x, t, *args, **kwargs):
@@ -505,7 +523,8 @@ class SchedulePatch:
     def predict_noise(self, executor, x, timestep, model_options, seed):
         guider = executor.class_obj
         base = getattr(guider, "cfg", None)
-        if not isinstance(base, (int, float)):
+        # DualCFGGuider inherits CFGGuider's ``cfg`` but guides with its own ``cfg1``/``cfg2``
+        if not isinstance(base, (int, float)) or hasattr(guider, "cfg1"):
             if not self._warned:
                 log.warning("REG schedule: %s has no single cfg scale; the schedule is ignored.", type(guider).__name__)
                 self._warned = True

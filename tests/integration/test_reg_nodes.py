@@ -402,6 +402,62 @@ def _patched(model, **settings):
     return nodes.NODE_CLASS_MAPPINGS["REGGuidance"].execute(model, **{**REG, **settings}).result[0]
 
 
+def _dual_cfg_one_step(model, positive, middle, negative, channels, sampler):
+    """One step to σ = 0 with ComfyUI's DualCFGGuider (conds passed to the model as [negative, middle, positive])."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+
+    guider = Guider_DualCFG(model)
+    guider.set_conds(positive, middle, negative)
+    guider.set_cfg(3.0, 2.0)
+    latent = torch.zeros(1, channels, 4, 4)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 1)[-2:]
+    with torch.inference_mode():
+        return guider.sample(comfy.sample.prepare_noise(latent, 42), latent, sampler, sigmas, seed=42)
+
+
+def test_dual_cfg_guider_rectifies_around_the_positive_branch(tiny, reg_pack):
+    """DualCFGGuider puts the positive conditioning last: REG must differentiate that branch, not the first one."""
+    import comfy.samplers
+
+    model, positive, negative, channels = load_family(tiny, "sd15")
+    middle = negative  # as a "middle" prompt the guider flags it negative; distinct conds are not needed here
+
+    def one_step(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        guider = model_k.inner_model
+        s = sigmas[0] * x.new_ones(x.shape[0])
+        d_final = model_k(x, s, **extra_args)
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = x.detach().clone().requires_grad_(True)
+            inner = guider.inner_model
+            d_c = comfy.samplers.calc_cond_batch(inner, [guider.conds["positive"]], leaf, s.clone(), {})[0]
+            (m,) = torch.autograd.grad(d_c.sum(), leaf)
+        return (d_c + m * (d_final - d_c)).detach()
+
+    want = _dual_cfg_one_step(model, positive, middle, negative, channels, comfy.samplers.KSAMPLER(one_step))
+    euler = comfy.samplers.sampler_object("euler")
+    got = _dual_cfg_one_step(_patched(model), positive, middle, negative, channels, euler)
+    plain = _dual_cfg_one_step(model, positive, middle, negative, channels, euler)
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-4 * scale
+    assert float((got - plain).abs().max()) > 1e-3 * scale
+
+
+def test_schedule_warns_that_dual_cfg_guider_has_no_single_cfg(tiny, reg_pack, caplog):
+    import comfy.samplers
+
+    import nodes
+
+    model, positive, negative, channels = load_family(tiny, "sd15")
+    scheduled = nodes.NODE_CLASS_MAPPINGS["REGGuidanceSchedule"].execute(model, **SCHEDULE, progress="steps").result[0]
+    euler = comfy.samplers.sampler_object("euler")
+    with caplog.at_level(logging.WARNING, logger="reg_guidance"):
+        got = _dual_cfg_one_step(scheduled, positive, negative, negative, channels, euler)
+    assert any("Guider_DualCFG has no single cfg" in r.getMessage() for r in caplog.records)
+    assert torch.equal(got, _dual_cfg_one_step(model, positive, negative, negative, channels, euler))
+
+
 def test_fallback_to_gradient_free_when_autograd_is_impossible(tiny, reg_pack, caplog):
     from comfy.patcher_extension import WrappersMP
 
