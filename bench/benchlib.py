@@ -493,3 +493,44 @@ CONFIGS = (
     Config("REG vjp k=4", "vjp", 4),
     Config("REG gradient-free k=4", "gradient-free", 4),
 )
+
+
+RunFn = Callable[[Config, int, PeakMemory | None, TensorRecorder | None], RunStats]
+
+
+def measure_configs(
+    label: str,
+    size: int,
+    steps: int,
+    configs: Sequence[Config],
+    repeats: int,
+    run: RunFn,
+    **extra: int,
+) -> Measurement:
+    """The timed runs, bracketed by CFG (see :func:`bracketed`), then two profiled runs of each configuration.
+
+    ``run(config, seed, memory, recorder)`` samples once; ``extra`` fills Measurement's remaining fields
+    (``record_bytes``, ``graph_bytes``).
+    """
+    memory = PeakMemory()
+    by_name = {c.name: c for c in configs}
+    runs: dict[str, list[RunStats]] = {c.name: [] for c in configs}
+    rss_sequence = []  # the RSS after each run (freed memory released), in run order
+    sequence = [name for _, name in bracketed(list(by_name), "CFG", repeats)]
+    for index, name in enumerate(sequence):
+        stats = run(by_name[name], index, memory if memory.available else None, None)
+        runs[name].append(stats)
+        rss_sequence.append(stats.rss_after)
+    tensors = {c.name: profile_runs(lambda recorder, c=c: run(c, 0, None, recorder), c.refresh_every) for c in configs}
+    return Measurement(
+        label,
+        size,
+        steps,
+        configs=list(by_name),
+        runs=runs,
+        rss_sequence=rss_sequence,
+        memory_available=memory.available,
+        sequence=sequence,
+        tensors=tensors,
+        **extra,
+    )

@@ -27,9 +27,8 @@ from bench.benchlib import (
     RunStats,
     Summary,
     TensorRecorder,
-    bracketed,
     interleaved,
-    profile_runs,
+    measure_configs,
     release_memory,
     rss_bytes,
     saved_tensor_bytes,
@@ -237,36 +236,20 @@ class ComfyBench:
         weights.
         """
         models = {c.name: self.configured(fam, c) for c in configs}
-        memory = PeakMemory()
         if warmup_steps > 0:
             for c in configs:
                 self.sample_run(models[c.name], fam, size, warmup_steps, 1000, c.refresh_every)
-        runs: dict[str, list[RunStats]] = {c.name: [] for c in configs}
-        rss_sequence = []  # the RSS after each run (freed memory released), in run order
-        by_name = {c.name: c for c in configs}
-        sequence = [name for _, name in bracketed([c.name for c in configs], "CFG", repeats)]
-        for index, name in enumerate(sequence):
-            mem = memory if memory.available else None
-            stats = self.sample_run(models[name], fam, size, steps, index, by_name[name].refresh_every, mem)
-            runs[name].append(stats)
-            rss_sequence.append(stats.rss_after)
-        tensors = {}
-        for c in configs:
 
-            def run(recorder: TensorRecorder, c: Config = c) -> RunStats:
-                return self.sample_run(models[c.name], fam, size, steps, 0, c.refresh_every, recorder=recorder)
+        def run(c: Config, seed: int, memory: PeakMemory | None, recorder: TensorRecorder | None) -> RunStats:
+            return self.sample_run(models[c.name], fam, size, steps, seed, c.refresh_every, memory, recorder)
 
-            tensors[c.name] = profile_runs(run, c.refresh_every)
-        return Measurement(
+        return measure_configs(
             fam.label,
             size,
             steps,
-            configs=[c.name for c in configs],
-            runs=runs,
-            rss_sequence=rss_sequence,
-            memory_available=memory.available,
-            sequence=sequence,
-            tensors=tensors,
+            configs,
+            repeats,
+            run,
             record_bytes=self._record_bytes(fam, size),
             graph_bytes=self.in_sampling_context(fam, size, self._cond_graph_bytes),
         )

@@ -29,10 +29,9 @@ from bench.benchlib import (
     RunStats,
     Summary,
     TensorRecorder,
-    bracketed,
     fresh_evaluations,
     interleaved,
-    profile_runs,
+    measure_configs,
     release_memory,
     rss_bytes,
     saved_tensor_bytes,
@@ -201,38 +200,14 @@ class CoreBench:
         return RunStats(seconds, peak, step_rss, rss_bytes(), config.refresh_every, step_marks)
 
     def measure(self, size: int, configs: list[Config], *, steps: int, repeats: int, warmup_steps: int) -> Measurement:
-        memory = PeakMemory()
         if warmup_steps > 0:
             for c in configs:
                 self.sample_run(c, size, warmup_steps, seed=1000, memory=None)
-        runs: dict[str, list[RunStats]] = {c.name: [] for c in configs}
-        by_name = {c.name: c for c in configs}
-        rss_sequence = []
-        sequence = [name for _, name in bracketed([c.name for c in configs], "CFG", repeats)]
-        for index, name in enumerate(sequence):
-            mem = memory if memory.available else None
-            stats = self.sample_run(by_name[name], size, steps, seed=index, memory=mem)
-            runs[name].append(stats)
-            rss_sequence.append(stats.rss_after)
-        tensors = {}
-        for c in configs:
 
-            def run(recorder: TensorRecorder, c: Config = c) -> RunStats:
-                return self.sample_run(c, size, steps, seed=0, recorder=recorder)
+        def run(c: Config, seed: int, memory: PeakMemory | None, recorder: TensorRecorder | None) -> RunStats:
+            return self.sample_run(c, size, steps, seed=seed, memory=memory, recorder=recorder)
 
-            tensors[c.name] = profile_runs(run, c.refresh_every)
-        return Measurement(
-            self.label,
-            size,
-            steps,
-            configs=[c.name for c in configs],
-            runs=runs,
-            rss_sequence=rss_sequence,
-            memory_available=memory.available,
-            sequence=sequence,
-            tensors=tensors,
-            graph_bytes=self.cond_graph_bytes(size),
-        )
+        return measure_configs(self.label, size, steps, configs, repeats, run, graph_bytes=self.cond_graph_bytes(size))
 
     def _graph_forward(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """The cond branch with an autograd graph, as the vjp estimator records it."""
