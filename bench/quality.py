@@ -113,7 +113,7 @@ class LaggedREG:
             d_c, self.m = estimate_m(self.cond, x, sigma, self.estimator)
         else:
             d_c = self.cond(x, sigma)
-        d = d_c + self.m * self.w * (d_c - self.uncond(x, sigma))
+        d = rectify.rectify(d_c, d_c + self.w * (d_c - self.uncond(x, sigma)), self.m)
         if self.track:
             same = fresh and self.estimator == self.reference
             exact = self.m if same else estimate_m(self.cond, x, sigma, self.reference)[1]
@@ -374,16 +374,7 @@ def sliced_w2(a: Tensor, b: Tensor, dirs: Tensor, levels: int = 64) -> float:
     return float(((pa - pb) ** 2).mean().sqrt())
 
 
-DIGIT_METHODS = (
-    ("no guidance", None, 1),
-    ("CFG", "cfg", 1),
-    ("REG vjp", "vjp", 1),
-    ("REG gradient-free", "gradient-free", 1),
-    ("REG vjp k=2", "vjp", 2),
-    ("REG vjp k=4", "vjp", 4),
-    ("REG gradient-free k=2", "gradient-free", 2),
-    ("REG gradient-free k=4", "gradient-free", 4),
-)
+DIGIT_METHODS = (("no guidance", None, 1), ("CFG", "cfg", 1), *TOY_METHODS)
 LAG_ROWS = (10.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.05)
 
 

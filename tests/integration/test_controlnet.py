@@ -21,7 +21,7 @@ import pytest
 import tiny_controlnet
 import torch
 from prompts import ksampler, sd15_inputs
-from test_reg_nodes import REG, _patched, _sample, load_family
+from test_reg_nodes import REG, _patched, _sample, load_family, reference_step
 
 HINT_COLOUR = 0x3366CC
 HINT_SIZE = 32  # pixels: the 32x32 test image's 4x4 latent times ComfyUI's compression ratio 8
@@ -98,43 +98,20 @@ def reference_one_step(tiny, controlnet, *, detach_control=False, seed=42):
     residuals are detached (a forward hook), i.e. the Jacobian through the ControlNet is dropped: the reference for
     what REG would compute if it did not differentiate the control branch. Returns ``(latent, M)``.
     """
-    import comfy.sample
-    import comfy.samplers
-
     base, cnet, positive, negative = controlled_conds(tiny, controlnet, inference=False)
     model = base.clone()
     model.set_model_input_block_patch_after_skip(_copy_after_skip)
     latent = torch.zeros(1, 4, 4, 4)
-    sampling = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(sampling, ONE_STEP["scheduler"], 1)[-2:]
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(CFG)
-    seen = {}
-
-    def one_step(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        s = sigmas[0] * x.new_ones(x.shape[0])
-        with torch.enable_grad():
-            d_cfg = model_k(x, s, **extra_args)
-            guider.cfg = 1.0  # ComfyUI then skips the negative pass: D_c alone
-            leaf = x.detach().clone().requires_grad_(True)
-            d_c = model_k(leaf, s, **extra_args)
-            guider.cfg = CFG
-            (m,) = torch.autograd.grad(d_c.sum(), leaf)
-        seen["m"] = m
-        return (d_c + m * (d_cfg - d_c)).detach()
 
     def detached(module, args, output):
         return {key: [t.detach() if t is not None else None for t in value] for key, value in output.items()}
 
     hook = cnet.control_model.register_forward_hook(detached) if detach_control else None
     try:
-        noise = comfy.sample.prepare_noise(latent, seed)
-        out = guider.sample(noise, latent, comfy.samplers.KSAMPLER(one_step), sigmas, seed=seed)
+        return reference_step(model, positive, negative, latent, ONE_STEP, CFG, seed=seed)
     finally:
         if hook is not None:
             hook.remove()
-    return out, seen["m"]
 
 
 # --- tests ---

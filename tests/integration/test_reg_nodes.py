@@ -68,10 +68,6 @@ def reference_one_step(tiny, family, cfg, seed=42, batch_size=1, chain=False, sa
     state's scale (√(1+σ²), or √((1−σ)²+σ²) for flow). ``sampling_patch`` is a ComfyUI model-sampling node
     ``(class_type, inputs)`` applied first (e.g. v-prediction).
     """
-    import comfy.model_sampling
-    import comfy.sample
-    import comfy.samplers
-
     import nodes
 
     model, positive, negative, channels = load_family(tiny, family)
@@ -79,9 +75,21 @@ def reference_one_step(tiny, family, cfg, seed=42, batch_size=1, chain=False, sa
         class_type, inputs = sampling_patch
         model = nodes.NODE_CLASS_MAPPINGS[class_type]().patch(model, **inputs)[0]
     latent = torch.zeros(batch_size, channels, 4, 4)
+    setup = ONE_STEP[family]
+    return reference_step(model, positive, negative, latent, setup, cfg, seed=seed, chain=chain, fd=fd)
+
+
+def reference_step(model, positive, negative, latent, setup, cfg, *, seed=42, chain=False, fd=False):
+    """The reference of :func:`reference_one_step` for a given model, conds and latent; returns ``(latent, M)``.
+
+    ``setup`` holds KSampler's ``scheduler`` and ``denoise``; the step runs from the last σ of that schedule to 0.
+    """
+    import comfy.model_sampling
+    import comfy.sample
+    import comfy.samplers
+
     sampling = model.get_model_object("model_sampling")
     flow = isinstance(sampling, comfy.model_sampling.CONST)
-    setup = ONE_STEP[family]
     sigmas = comfy.samplers.calculate_sigmas(sampling, setup["scheduler"], int(1 / setup["denoise"]))[-2:]
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
