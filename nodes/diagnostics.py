@@ -11,7 +11,8 @@ from comfy_api.latest import io
 from PIL import Image
 
 from ..reg_core import diagnostics
-from .reg_runtime import WRAPPER_KEY, REGConfigError, REGPatch
+from .common import REGConfigError
+from .reg_runtime import WRAPPER_KEY, REGPatch
 
 CATEGORY = "sampling/guidance/REG"
 

@@ -12,21 +12,12 @@ from comfy_api.latest import io
 from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from ..reg_core.schedules import Progress, Schedule
-from .reg_runtime import (
-    SCHEDULE_KEY,
-    WRAPPER_KEY,
-    REGConfigError,
-    REGPatch,
-    REGSettings,
-    SchedulePatch,
-    ScheduleSettings,
-    apg_pre_cfg,
-    pag_post_cfg,
-    remove_reg,
-    wrapper_adder,
-)
+from .common import LOGGER_NAME, REGConfigError, wrapper_adder
+from .guidance_hooks import apg_pre_cfg, pag_post_cfg
+from .reg_runtime import WRAPPER_KEY, REGPatch, REGSettings, remove_reg
+from .schedule_patch import SCHEDULE_KEY, SchedulePatch, ScheduleSettings
 
-log = logging.getLogger("reg_guidance")
+log = logging.getLogger(LOGGER_NAME)
 
 CATEGORY = "sampling/guidance/REG"
 

@@ -23,20 +23,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import comfy.model_management
-import comfy.model_patcher
 import comfy.model_sampling
-import comfy.patcher_extension
-import comfy.samplers
 import torch
 from comfy.patcher_extension import WrappersMP
 
-from ..reg_core import diagnostics, guidance, rectify, schedules
+from ..reg_core import diagnostics, rectify
 from ..reg_core.diagnostics import RunRecord, StepRecord
-from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
-from ..reg_core.schedules import Progress, Schedule
+from .common import LOGGER_NAME, AddWrapper, REGConfigError
 
-log = logging.getLogger("reg_guidance")
+log = logging.getLogger(LOGGER_NAME)
 
 WRAPPER_KEY = "reg_guidance"
 WRAPPER_KINDS = (
@@ -48,10 +44,6 @@ WRAPPER_KINDS = (
 )
 CACHE_WRAPPER_KEYS = ("easycache", "lazycache")
 FD_RELATIVE_STEP = 1e-3
-
-
-class REGConfigError(ValueError):
-    """A user-facing configuration error (names the input and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +198,6 @@ class NoGraphError(RuntimeError):
 
 
 CalcExecutor = Callable[..., list[torch.Tensor]]
-AddWrapper = Callable[[str, str, Callable], None]
 
 
 def remove_reg(patcher: Any) -> bool:
@@ -215,17 +206,6 @@ def remove_reg(patcher: Any) -> bool:
     for kind in WRAPPER_KINDS:
         patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
     return had
-
-
-def wrapper_adder(target: Any) -> AddWrapper:
-    """``add_wrapper(type, key, fn)`` for a ModelPatcher (its own method) or a ``model_options`` dict."""
-    if isinstance(target, dict):
-
-        def add(kind: str, key: str, fn: Callable) -> None:
-            comfy.patcher_extension.add_wrapper_with_key(kind, key, fn, target, is_model_options=True)
-
-        return add
-    return target.add_wrapper_with_key
 
 
 def _copy_after_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
@@ -459,114 +439,3 @@ class REGPatch:
         x = torch.cat([p + probe.h if i == probe.index else p for p, i in zip(parts, chunks, strict=True)])
         probe.applied = True
         return executor(x, t, *args, **kwargs)
-
-
-SCHEDULE_KEY = "reg_schedule"
-
-
-@dataclass(frozen=True)
-class ScheduleSettings:
-    """A guidance-weight schedule applied to the sampler's cfg (reg_core.schedules conventions)."""
-
-    schedule: Schedule = Schedule.CONSTANT
-    progress: Progress = Progress.STEPS
-    end_cfg: float = 1.0
-    sigma_low: float = 0.28
-    sigma_high: float = 2.90
-    exponent: float = 1.0
-
-    def validate(self) -> None:
-        if self.sigma_low > self.sigma_high:
-            raise REGConfigError(f"sigma_low ({self.sigma_low}) is above sigma_high ({self.sigma_high}); swap them.")
-        if self.exponent <= 0:
-            raise REGConfigError(f"exponent must be positive, got {self.exponent}.")
-
-
-def ve_sigma(sigma: float, flow: bool) -> float:
-    """σ in the EDM/VE convention: flow models' σ maps to ``σ/(1−σ)`` (reg-math §9)."""
-    if not flow:
-        return sigma
-    return math.inf if sigma >= 1 else sigma / (1 - sigma)
-
-
-class SchedulePatch:
-    """A PREDICT_NOISE wrapper that sets the guider's cfg to ``1 + w(σ, p)`` for each step, then restores it."""
-
-    def __init__(self, settings: ScheduleSettings) -> None:
-        settings.validate()
-        self.settings = settings
-        self._warned = False
-
-    def install(self, add_wrapper: AddWrapper) -> None:
-        add_wrapper(WrappersMP.PREDICT_NOISE, SCHEDULE_KEY, self.predict_noise)
-
-    def cfg_at(self, base_cfg: float, sigma: float, sample_sigmas: list[float], flow: bool) -> float:
-        """The scheduled cfg for this step (weights are cond-anchored: ``w = cfg − 1``)."""
-        s = self.settings
-        sig = ve_sigma(sigma, flow)
-        if s.progress is Progress.STEPS:
-            progress = schedules.step_progress(sigma, sample_sigmas)
-        else:
-            progress = schedules.sigma_progress(sigma, max(sample_sigmas))  # the model's own σ (flow starts at 1)
-        w = schedules.scheduled_weight(
-            s.schedule,
-            base_cfg - 1.0,
-            sigma=sig,
-            progress=progress,
-            w_end=s.end_cfg - 1.0,
-            sigma_low=s.sigma_low,
-            sigma_high=s.sigma_high,
-            exponent=s.exponent,
-        )
-        return 1.0 + w
-
-    def predict_noise(self, executor, x, timestep, model_options, seed):
-        guider = executor.class_obj
-        base = getattr(guider, "cfg", None)
-        # DualCFGGuider inherits CFGGuider's ``cfg`` but guides with its own ``cfg1``/``cfg2``
-        if not isinstance(base, (int, float)) or hasattr(guider, "cfg1"):
-            if not self._warned:
-                log.warning("REG schedule: %s has no single cfg scale; the schedule is ignored.", type(guider).__name__)
-                self._warned = True
-            return executor(x, timestep, model_options, seed)
-        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        steps = [float(v) for v in sample_sigmas] if sample_sigmas is not None else [float(timestep.max())]
-        flow = isinstance(guider.model_patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
-        guider.cfg = self.cfg_at(float(base), float(timestep.max()), steps, flow)
-        try:
-            return executor(x, timestep, model_options, seed)
-        finally:
-            guider.cfg = base
-
-
-def apg_pre_cfg(apg: APG) -> Callable[[dict], list]:
-    """A pre-cfg hook running reg_core's APG with ComfyUI's semantics; a no-op when the uncond pass was skipped."""
-
-    def hook(args: dict) -> list:
-        out = args["conds_out"]
-        if len(out) < 2 or args["conds"][1] is None:
-            return out
-        sigma = float(args["sigma"][0])
-        return [apg.modified_cond(out[0], out[1], args["cond_scale"], sigma), *out[1:]]
-
-    return hook
-
-
-def _identity_attention(q, k, v, extra_options, mask=None):
-    return v
-
-
-def pag_post_cfg(scale: float) -> Callable[[dict], torch.Tensor]:
-    """PAG (Ahn et al. 2024) as ComfyUI's node does it: the UNet middle block's self-attention returns V, and the
-    result moves by ``scale·(D_c − D_pag)``. The extra pass is never differentiated (REG ignores later passes)."""
-
-    def hook(args: dict) -> torch.Tensor:
-        model_options = comfy.model_patcher.set_model_options_patch_replace(
-            args["model_options"].copy(), _identity_attention, "attn1", "middle", 0
-        )
-        (d_pag,) = comfy.samplers.calc_cond_batch(
-            args["model"], [args["cond"]], args["input"], args["sigma"], model_options
-        )
-        return guidance.reference_guidance(args["denoised"], args["cond_denoised"], d_pag, scale)
-
-    return hook

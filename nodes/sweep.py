@@ -27,10 +27,12 @@ from ..reg_core import clip_score, sweep
 from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from .clip_score import CATEGORY, CLIP_SCORE_MODEL
+from .common import LOGGER_NAME, wrapper_adder
 from .guidance import apg_pag_inputs, reg_inputs
-from .reg_runtime import REGPatch, REGSettings, apg_pre_cfg, pag_post_cfg, remove_reg, wrapper_adder
+from .guidance_hooks import apg_pre_cfg, pag_post_cfg
+from .reg_runtime import REGPatch, REGSettings, remove_reg
 
-log = logging.getLogger("reg_guidance")
+log = logging.getLogger(LOGGER_NAME)
 
 #: The method toggles, in reg_core.sweep.METHODS order: input name → method key.
 METHOD_INPUTS = {

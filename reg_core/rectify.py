@@ -34,12 +34,16 @@ class Estimator(str, Enum):
     - ``GRADIENT_FREE``: ``M ≈ a·J𝟙`` by a forward finite difference along the all-ones direction (one extra forward,
       no graph, no weight gradients, works under ``torch.inference_mode``). Exact for the ideal denoiser, whose
       Jacobian ``Cov[x0|x]/σ²`` is symmetric (so ``J𝟙 = Jᵀ𝟙``); only approximate for a learned network.
+    - ``VJP_LOW_MEMORY``: the same ``M`` as ``VJP`` to float rounding, with the differentiated pass recomputed block
+      by block during the backward (activation checkpointing): the saved activations are bounded by the block
+      inputs plus one block, at the price of one more conditional forward.
     - ``CHAIN``: the full chain rule ``D_c + a·Jᵀ(D_guided − D_c)`` instead of the element-wise column-sum
       approximation (same cost as ``VJP`` but the graph is held until the guided prediction is known). An ablation
       the paper does not evaluate.
     """
 
     VJP = "vjp"
+    VJP_LOW_MEMORY = "vjp-low-memory"
     GRADIENT_FREE = "gradient-free"
     CHAIN = "chain"
 

@@ -29,11 +29,12 @@ def test_finite_difference_step_follows_the_compute_dtype(reg_pack):
 
 
 def test_sigma_progress_on_flow_models_uses_the_models_own_sigma(reg_pack):
-    runtime = reg_pack.submodule("nodes.reg_runtime")
     schedules = reg_pack.submodule("reg_core.schedules")
-    patch = runtime.SchedulePatch(
-        runtime.ScheduleSettings(schedule=schedules.Schedule.LINEAR, progress=schedules.Progress.SIGMA, end_cfg=1.0)
+    schedule_patch = reg_pack.submodule("nodes.schedule_patch")
+    settings = schedule_patch.ScheduleSettings(
+        schedule=schedules.Schedule.LINEAR, progress=schedules.Progress.SIGMA, end_cfg=1.0
     )
+    patch = schedule_patch.SchedulePatch(settings)
     sigmas = [1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0]
     cfgs = [patch.cfg_at(5.0, s, sigmas, flow=True) for s in sigmas[:-1]]
     assert cfgs[0] == 5.0

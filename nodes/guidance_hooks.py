@@ -1,0 +1,45 @@
+"""APG and PAG as ComfyUI pre-/post-cfg hooks, so REG can rectify them (they are ordinary guidance to REG)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import comfy.model_patcher
+import comfy.samplers
+import torch
+
+from ..reg_core import guidance
+from ..reg_core.guidance import APG
+
+
+def apg_pre_cfg(apg: APG) -> Callable[[dict], list]:
+    """A pre-cfg hook running reg_core's APG with ComfyUI's semantics; a no-op when the uncond pass was skipped."""
+
+    def hook(args: dict) -> list:
+        out = args["conds_out"]
+        if len(out) < 2 or args["conds"][1] is None:
+            return out
+        sigma = float(args["sigma"][0])
+        return [apg.modified_cond(out[0], out[1], args["cond_scale"], sigma), *out[1:]]
+
+    return hook
+
+
+def _identity_attention(q, k, v, extra_options, mask=None):
+    return v
+
+
+def pag_post_cfg(scale: float) -> Callable[[dict], torch.Tensor]:
+    """PAG (Ahn et al. 2024) as ComfyUI's node does it: the UNet middle block's self-attention returns V, and the
+    result moves by ``scale·(D_c − D_pag)``. The extra pass is never differentiated (REG ignores later passes)."""
+
+    def hook(args: dict) -> torch.Tensor:
+        model_options = comfy.model_patcher.set_model_options_patch_replace(
+            args["model_options"].copy(), _identity_attention, "attn1", "middle", 0
+        )
+        (d_pag,) = comfy.samplers.calc_cond_batch(
+            args["model"], [args["cond"]], args["input"], args["sigma"], model_options
+        )
+        return guidance.reference_guidance(args["denoised"], args["cond_denoised"], d_pag, scale)
+
+    return hook
