@@ -138,6 +138,17 @@ def reg_factor_fd(
     return d_c, m * flow_factor(sigma, x, flow)
 
 
+def is_fresh_evaluation(evaluation: int, refresh_every: int) -> bool:
+    """Whether guided evaluation ``evaluation`` (0-based, counted over a sampling run) estimates a new ``M``.
+
+    With ``refresh_every = k`` the factor is re-estimated on evaluations 0, k, 2k, … and reused in between (the
+    pack's cost shortcut; the paper recomputes it at every step, ``k = 1``).
+    """
+    if refresh_every < 1:
+        raise ValueError(f"refresh_every must be at least 1, got {refresh_every}")
+    return evaluation % refresh_every == 0
+
+
 def blend_factor(m: Tensor, strength: float) -> Tensor:
     """Strength blend ``M_λ = 1 + λ(M − 1)`` (reg-math §6): λ = 0 is plain guidance, 1 is REG, > 1 extrapolates."""
     if strength == 1:
