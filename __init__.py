@@ -4,6 +4,9 @@ ComfyUI discovers the pack through :func:`comfy_entrypoint` (V3 schema). Importi
 and does not need ComfyUI: the node modules are imported only when ComfyUI asks for the extension.
 """
 
+# Served by ComfyUI under /extensions/<pack folder>/; web/docs/<NodeId>.md are the node-docs panel's help pages.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     """Return the pack's ``ComfyExtension`` (called by ComfyUI's custom-node loader)."""
