@@ -113,6 +113,53 @@ class LoadedPack:
         return importlib.import_module(f"{self.module_name}.{name}")
 
 
+# The folders ComfyUI reads or writes outside its model folders, by their ``folder_paths`` setter.
+WORK_DIRS = {"output": "set_output_directory", "temp": "set_temp_directory", "input": "set_input_directory"}
+USER_DIR = "user"
+
+
+def isolate_folders(root: Path) -> dict[str, list[str]]:
+    """Point every folder ComfyUI uses at ``root``, so nothing of the ComfyUI tree's own folders is read or written.
+
+    Each folder ``folder_paths`` knows (``checkpoints``, ``diffusion_models`` with its ``unet`` alias, ``vae``,
+    ``text_encoders``/``clip``, ``controlnet``, the pack's ``clip_score``, ``custom_nodes``, …) keeps its layout but
+    moves from the tree's base to ``root`` (``models/…`` to ``root/models/…``); folders registered from anywhere else
+    (``extra_model_paths.yaml``) are dropped. ``output``, ``temp``, ``input`` and ``user`` move to ``root`` as well.
+    The model folders are created empty: the tests register their stand-ins in front of them afterwards.
+    Returns the new search list of every folder name.
+    """
+    import folder_paths
+
+    root = root.resolve()
+    models = root / "models"
+    moves = [(Path(folder_paths.models_dir).resolve(), models), (Path(folder_paths.base_path).resolve(), root)]
+
+    def moved(path: str) -> Path | None:
+        resolved = Path(path).resolve()
+        for old, new in moves:
+            if resolved.is_relative_to(old):
+                return new / resolved.relative_to(old)
+        return None
+
+    isolated: dict[str, list[str]] = {}
+    for name, (paths, extensions) in list(folder_paths.folder_names_and_paths.items()):
+        new_paths = list(dict.fromkeys(str(p) for p in map(moved, paths) if p is not None))
+        for path in new_paths:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        folder_paths.folder_names_and_paths[name] = (new_paths, extensions)
+        isolated[name] = new_paths
+    folder_paths.base_path = str(root)
+    folder_paths.models_dir = str(models)
+    for name, setter in WORK_DIRS.items():
+        (root / name).mkdir(exist_ok=True)
+        getattr(folder_paths, setter)(str(root / name))
+    (root / USER_DIR).mkdir(exist_ok=True)
+    folder_paths.set_user_directory(str(root / USER_DIR))
+    folder_paths.filename_list_cache.clear()
+    folder_paths.cache_helper.clear()
+    return isolated
+
+
 def load_pack(repo: Path, custom_nodes_dir: Path) -> LoadedPack:
     """Symlink ``repo`` into ``custom_nodes_dir`` and run ComfyUI's own node initialisation (``init_extra_nodes``).
 
@@ -257,6 +304,35 @@ class RunResult:
         return image.clone()
 
 
+def classic_cache_kwargs() -> dict[str, Any]:
+    """``PromptExecutor`` keyword arguments for ComfyUI's classic cache, whichever signature this ComfyUI has.
+
+    0.3.64 takes ``cache_type`` (and ``cache_size`` for LRU); 0.33 also needs ``cache_args`` with the ``lru``, ``ram``
+    and ``ram_inactive`` sizes, which its ``main.py`` sets to 0 under ``--cache-classic``.
+    """
+    import inspect
+
+    import execution
+
+    kwargs: dict[str, Any] = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+    return kwargs
+
+
+def cached_outputs(cache: Any, nid: str) -> list[list[Any]] | None:
+    """A node's outputs in the executor's output cache, or None.
+
+    0.3.64's ``get`` is synchronous and returns the output lists; 0.33's is a coroutine that also asks external cache
+    providers and returns a ``CacheEntry(ui, outputs)``, so its synchronous local lookup ``get_local`` is used.
+    """
+    getter = getattr(cache, "get_local", None) or cache.get
+    value = getter(nid)
+    if value is None:
+        return None
+    return value.outputs if hasattr(value, "outputs") else value
+
+
 class ComfyHarness:
     """Runs API-format prompts in-process through ``execution.PromptExecutor`` (one executor per session).
 
@@ -270,7 +346,7 @@ class ComfyHarness:
         self.repo = repo
         self.keep_cached = frozenset(keep_cached)
         self.server = DummyServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.executor = execution.PromptExecutor(self.server, **classic_cache_kwargs())
         self._ids = itertools.count(1)
         self._last_prompt: dict[str, Any] | None = None
 
@@ -318,7 +394,7 @@ class ComfyHarness:
     ) -> RunResult:
         outputs = {}
         for nid in prompt:
-            value = self.executor.caches.outputs.get(nid)
+            value = cached_outputs(self.executor.caches.outputs, nid)
             if value is not None:
                 outputs[nid] = value
         cached_ids: set[str] = set()
@@ -398,12 +474,15 @@ class ComfyHarness:
         """Drop the cached outputs of every non-loader node of the last run, so they execute again next time.
 
         ``run`` does this itself unless ``cached=True``. Uses the classic cache's internals (``cache``, ``subcaches``
-        and the key set of the prompt that ran last), which are stable in ComfyUI 0.3.64.
+        and the key set of the prompt that ran last), which ComfyUI 0.3.64 and 0.33 share. 0.3.64 keeps the UI
+        outputs in a second cache (``caches.ui``); 0.33 stores them with the outputs (``CacheEntry``).
         """
         if self._last_prompt is None:
             return
         caches = self.executor.caches
-        for cache in (caches.outputs, caches.ui):
+        for cache in (caches.outputs, getattr(caches, "ui", None)):
+            if cache is None:
+                continue
             keys = cache.cache_key_set
             for nid, node in self._last_prompt.items():
                 if node["class_type"] in self.keep_cached:

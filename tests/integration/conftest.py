@@ -2,13 +2,19 @@
 
 When ComfyUI cannot be imported by the running interpreter (for example plain ``pytest`` from the project's own venv),
 the whole folder is skipped with one reason. Run the suite with ComfyUI's interpreter: ``./dev integration``.
+
+The session never touches the ComfyUI tree's own ``models/``, ``custom_nodes/``, ``output/``, ``input/``, ``temp/`` or
+``user/``: ComfyUI is imported with its base directory in a session temp dir (``--base-directory``), and
+``comfy_harness.isolate_folders`` points every folder there before anything is loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,13 +35,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# ComfyUI's base directory for the session: every folder it would read or write in its own tree lives here instead.
+SESSION_BASE = Path(tempfile.mkdtemp(prefix="reg-comfyui-"))
+
+
 def _running_comfy_interpreter(comfyui: Path) -> bool:
     """True when this interpreter is the one locate.py picked for ComfyUI (then import errors are real failures)."""
     python, _ = locate.find_interpreter(comfyui)
-    if python is None:
-        return False
-    python_path = Path(python)
-    return Path(sys.executable) == python_path or Path(sys.prefix).resolve() == python_path.parent.parent.resolve()
+    return python is not None and locate.runs_here(python)
 
 
 def _import_comfyui(comfyui: Path) -> str | None:
@@ -44,7 +51,9 @@ def _import_comfyui(comfyui: Path) -> str | None:
     Order matters (docs/comfyui-integration.md §9): ``args.cpu`` before any other comfy module, and
     ``utils.extra_config`` (plus ``server``) before ``nodes``, because nodes.py puts ``comfy/`` first on ``sys.path``,
     after which ``utils`` would resolve to comfy/utils.py. ComfyUI also goes first on ``sys.path``: the repository
-    root is on it too and has its own ``nodes`` package.
+    root is on it too and has its own ``nodes`` package. ``args.base_directory`` (ComfyUI's ``--base-directory``) is
+    set before ``folder_paths`` is imported, which otherwise derives its folders from the tree (and creates ``input/``
+    there when it is missing).
     """
     saved_path = list(sys.path)
     before = set(sys.modules)
@@ -53,6 +62,7 @@ def _import_comfyui(comfyui: Path) -> str | None:
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.base_directory = str(SESSION_BASE)
         import utils.extra_config  # noqa: F401
 
         try:
@@ -96,6 +106,18 @@ def _skip_reason() -> str | None:
 
 
 SKIP_REASON = _skip_reason()
+COMFYUI, _ = locate.find_comfyui()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if SKIP_REASON is not None:
+        return SKIP_REASON
+    return f"ComfyUI {locate.comfyui_version(COMFYUI)} at {COMFYUI}, session base directory {SESSION_BASE}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_BASE, ignore_errors=True)
+
 
 if SKIP_REASON is not None:
     # Report one skip for the whole folder without importing the test modules (they need ComfyUI). A module-level
@@ -125,18 +147,15 @@ if SKIP_REASON is not None:
 # The fixtures import the helpers lazily: without ComfyUI (skipped folder) nothing below ever runs.
 
 
-@pytest.fixture(scope="session")
-def comfyui_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Session temp dir holding custom_nodes/ (the pack symlink) and ComfyUI's output/temp/input folders."""
-    import folder_paths
+@pytest.fixture(scope="session", autouse=True)
+def comfyui_dirs() -> Path:
+    """ComfyUI's base directory for the session: empty ``models/…`` folders, ``custom_nodes/`` (the pack symlink),
+    ``output/``, ``temp/``, ``input/`` and ``user/``. Set up before any other fixture, so nothing sees the tree's own.
+    """
+    import comfy_harness
 
-    root = tmp_path_factory.mktemp("comfyui")
-    for name in ("output", "temp", "input"):
-        (root / name).mkdir()
-    folder_paths.set_output_directory(str(root / "output"))
-    folder_paths.set_temp_directory(str(root / "temp"))
-    folder_paths.set_input_directory(str(root / "input"))
-    return root
+    comfy_harness.isolate_folders(SESSION_BASE)
+    return SESSION_BASE
 
 
 @pytest.fixture(scope="session")

@@ -1,44 +1,80 @@
-"""Find a ComfyUI checkout and the interpreter that runs it.
+"""Find the ComfyUI checkouts to test against and the interpreter that runs each.
 
-Order: ``COMFYUI_PATH``; the usual ``ComfyUI/custom_nodes/<pack>`` layout; ``~/ComfyUI``.
-The interpreter is ``COMFYUI_PYTHON`` or ``<ComfyUI>/.venv`` / ``<ComfyUI>/venv``.
-Run as a script it prints the checkout and interpreter on two lines (exit 0),
-or one line saying why none was found (exit 1).
+Which trees:
+
+* ``COMFYUI_PATHS``: several checkouts separated by ``os.pathsep`` (``:`` on Linux and macOS), tested in that order;
+* else ``COMFYUI_PATH``: exactly one checkout;
+* else every default that exists: the ``ComfyUI/custom_nodes/<pack>`` layout this repository may sit in,
+  ``~/ComfyUI`` and ``~/ComfyUI-0.33``.
+
+A tree named in ``COMFYUI_PATHS`` or ``COMFYUI_PATH`` that is not a ComfyUI checkout, or has no interpreter, is an
+error; a default without an interpreter is left out with a note on stderr.
+
+Which interpreter: ``COMFYUI_PYTHON`` for the tree named by ``COMFYUI_PATH`` (or the only one found), otherwise
+``<tree>/.venv/bin/python`` or ``<tree>/venv/bin/python``.
+
+Run as a script it prints one line per tree, ``<version>\\t<checkout>\\t<interpreter>`` (exit 0); or one line saying
+why none was found (exit 1, the integration tests are skipped); or why a named tree cannot be used (exit 2).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _is_comfyui(path: Path) -> bool:
+class TreeError(ValueError):
+    """A tree the user named explicitly cannot be used."""
+
+
+@dataclass(frozen=True)
+class Tree:
+    """One ComfyUI checkout, its version and the interpreter that runs it."""
+
+    path: Path
+    python: str
+    version: str
+
+
+def is_comfyui(path: Path) -> bool:
     return (path / "comfy" / "samplers.py").is_file() and (path / "nodes.py").is_file()
 
 
-def find_comfyui() -> tuple[Path | None, str]:
-    """Return (checkout, reason); checkout is None when nothing was found."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        path = Path(env).expanduser()
-        if _is_comfyui(path):
-            return path, ""
-        return None, f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/samplers.py)"
-    for path in (REPO.parent.parent, Path.home() / "ComfyUI"):
-        if _is_comfyui(path):
-            return path, ""
-    return None, (
-        "ComfyUI not found (set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes/, "
-        "or keep a checkout in ~/ComfyUI)"
-    )
+def comfyui_version(path: Path) -> str:
+    """``__version__`` from the checkout's ``comfyui_version.py`` (read, not imported), or ``"unknown"``."""
+    try:
+        text = (path / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    match = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", text)
+    return match.group(1) if match else "unknown"
 
 
-def find_interpreter(comfyui: Path) -> tuple[str | None, str]:
-    """Return (python executable, reason) for running ComfyUI."""
-    env = os.environ.get("COMFYUI_PYTHON")
+def default_candidates() -> list[Path]:
+    """The places looked at when no tree is named: the custom_nodes layout, ``~/ComfyUI``, ``~/ComfyUI-0.33``."""
+    home = Path.home()
+    return [REPO.parent.parent, home / "ComfyUI", home / "ComfyUI-0.33"]
+
+
+def _named() -> tuple[list[Path], bool]:
+    """(trees named in the environment, whether COMFYUI_PYTHON applies to the single one)."""
+    many = os.environ.get("COMFYUI_PATHS")
+    if many:
+        return [Path(p).expanduser() for p in many.split(os.pathsep) if p], False
+    one = os.environ.get("COMFYUI_PATH")
+    if one:
+        return [Path(one).expanduser()], True
+    return [], True
+
+
+def find_interpreter(comfyui: Path, use_env: bool = True) -> tuple[str | None, str]:
+    """Return (python executable, reason) for running the ComfyUI at ``comfyui``."""
+    env = os.environ.get("COMFYUI_PYTHON") if use_env else None
     candidates = [Path(env)] if env else [comfyui / ".venv" / "bin" / "python", comfyui / "venv" / "bin" / "python"]
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -46,16 +82,77 @@ def find_interpreter(comfyui: Path) -> tuple[str | None, str]:
     return None, f"no interpreter for ComfyUI at {comfyui} (set COMFYUI_PYTHON or create {comfyui}/.venv)"
 
 
+def find_trees() -> tuple[list[Tree], str]:
+    """Every tree to test, in order, and the reason when there is none. Raises :class:`TreeError` for a bad name."""
+    named, env_python = _named()
+    trees: list[Tree] = []
+    if named:
+        for path in named:
+            if not is_comfyui(path):
+                raise TreeError(f"{path} is not a ComfyUI checkout (no comfy/samplers.py and nodes.py)")
+            python, reason = find_interpreter(path, use_env=env_python)
+            if python is None:
+                raise TreeError(reason)
+            trees.append(Tree(path, python, comfyui_version(path)))
+        return trees, ""
+    seen: set[Path] = set()
+    for path in default_candidates():
+        if not is_comfyui(path) or path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        python, reason = find_interpreter(path)
+        if python is None:
+            sys.stderr.write(f"note: {reason}; not tested\n")
+            continue
+        trees.append(Tree(path, python, comfyui_version(path)))
+    if trees:
+        return trees, ""
+    return [], (
+        "no ComfyUI found (name one with COMFYUI_PATH or several with COMFYUI_PATHS=path1:path2, install the pack in "
+        "ComfyUI/custom_nodes/, or keep a checkout with a .venv in ~/ComfyUI or ~/ComfyUI-0.33)"
+    )
+
+
+def find_comfyui() -> tuple[Path | None, str]:
+    """The tree the running test session imports: ``COMFYUI_PATH``, else the found tree this interpreter runs.
+
+    Falls back to the first tree found; returns (None, reason) when there is none.
+    """
+    one = os.environ.get("COMFYUI_PATH")
+    if one and not os.environ.get("COMFYUI_PATHS"):
+        path = Path(one).expanduser()
+        if is_comfyui(path):
+            return path, ""
+        return None, f"COMFYUI_PATH={one} is not a ComfyUI checkout (no comfy/samplers.py and nodes.py)"
+    try:
+        trees, reason = find_trees()
+    except TreeError as exc:
+        return None, str(exc)
+    for tree in trees:
+        if runs_here(tree.python):
+            return tree.path, ""
+    if trees:
+        return trees[0].path, ""
+    return None, reason
+
+
+def runs_here(python: str) -> bool:
+    """True when ``python`` is the running interpreter (same executable or same environment)."""
+    path = Path(python)
+    return Path(sys.executable) == path or Path(sys.prefix).resolve() == path.parent.parent.resolve()
+
+
 def main() -> int:
-    comfyui, reason = find_comfyui()
-    if comfyui is None:
+    try:
+        trees, reason = find_trees()
+    except TreeError as exc:
+        sys.stdout.write(f"{exc}\n")
+        return 2
+    if not trees:
         sys.stdout.write(reason + "\n")
         return 1
-    python, reason = find_interpreter(comfyui)
-    if python is None:
-        sys.stdout.write(reason + "\n")
-        return 1
-    sys.stdout.write(f"{comfyui}\n{python}\n")
+    for tree in trees:
+        sys.stdout.write(f"{tree.version}\t{tree.path}\t{tree.python}\n")
     return 0
 
 
