@@ -302,3 +302,220 @@ def register(root: Path) -> None:
 
     for kind in ("checkpoints", "diffusion_models", "text_encoders", "vae_approx"):
         folder_paths.add_model_folder_path(kind, str(root / kind), is_default=True)
+
+
+# --- tiny modern model families (Flux, Wan 2.x, Qwen-Image, SDXL), built in memory per test session ---
+#
+# These are small enough to build at test time (well under a second each) and are never written to disk. Each one is
+# loaded through ComfyUI's own loader, ``comfy.sd.load_diffusion_model_state_dict``, whenever that loader's detection
+# reads the tiny sizes back from the keys; where detection hard-codes the full-size widths the loader would build a
+# full-size network and the load fails, so the model is built from ComfyUI's supported-model class with the tiny config
+# instead (``load_with_config``: the loader's own steps after detection). Which path each family takes per version:
+#
+# | family | ComfyUI class | 0.33.0 | 0.3.64 |
+# |---|---|---|---|
+# | flux | FluxSchnell (no guidance embedding: true CFG) | loader (width read from keys) | config (width 3072 fixed) |
+# | wan | WAN21_T2V (the Wan 2.1 / 2.2-A14B network) | loader | loader |
+# | qwen | QwenImage | config (inner width 3072 fixed) | config |
+# | sdxl | Segmind_Vega (an SDXL UNet: model_base.SDXL, ε, adm ``y``) | loader | loader |
+#
+# SDXL detection matches the per-block transformer depths exactly; the full [0, 0, 2, 2, 10, 10] of SDXL base has 70
+# transformer blocks at width 320 (hundreds of millions of parameters), so the tiny one uses the depths of SDXL's
+# distilled relative Segmind Vega, [0, 0, 1, 1, 2, 2], which ComfyUI loads as the same SDXL model class.
+
+MODERN_SEEDS = {"flux": 7101, "wan": 7202, "qwen": 7303, "sdxl": 7404}
+
+FLUX_CONFIG = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 768,
+    "context_in_dim": 64,
+    "hidden_size": 128,  # detection (0.33) sets heads = hidden / sum(axes_dim) = 1
+    "mlp_ratio": 4.0,
+    "num_heads": 1,
+    "depth": 1,
+    "depth_single_blocks": 1,
+    "axes_dim": [16, 56, 56],
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "guidance_embed": False,
+}
+
+WAN_CONFIG = {
+    "image_model": "wan2.1",
+    "model_type": "t2v",
+    "dim": 128,  # detection sets heads = dim / 128 = 1
+    "out_dim": 16,
+    "num_heads": 1,
+    "ffn_dim": 256,
+    "num_layers": 1,
+    "patch_size": (1, 2, 2),
+    "freq_dim": 256,
+    "window_size": (-1, -1),
+    "qk_norm": True,
+    "cross_attn_norm": True,
+    "eps": 1e-6,
+    "in_dim": 16,
+}
+
+QWEN_CONFIG = {
+    "image_model": "qwen_image",
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 1,
+    "attention_head_dim": 128,  # = sum of the rope axes (16, 56, 56)
+    "num_attention_heads": 1,
+    "joint_attention_dim": 64,
+}
+
+SDXL_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 1, 1, 2, 2],
+    "transformer_depth_output": [0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "channel_mult": [1, 1, 1],
+    "transformer_depth_middle": -2,  # no middle block
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+
+@dataclass(frozen=True)
+class ModernFamily:
+    """How one tiny modern family is built, conditioned and stepped."""
+
+    name: str
+    config: dict
+    model_class: str  # the comfy.supported_models class the config must select
+    loader_detects: Callable[[], bool]  # whether ComfyUI's loader reads this config back from the keys
+    context: tuple[int, int]  # (tokens, width) of the text conditioning
+    pooled: int | None  # width of ``pooled_output`` (Flux ``y``, SDXL adm), None when unused
+    latent: tuple[int, ...]  # the empty latent, batch 1
+    one_step: dict  # KSampler ``scheduler`` / ``denoise`` for one step that leaves σ = 1 (flow: a(σ) = 0 there)
+
+
+def comfyui_version() -> tuple[int, ...]:
+    import comfyui_version
+
+    return tuple(int(p) for p in comfyui_version.__version__.split(".")[:3])
+
+
+def _since(version: tuple[int, ...]) -> Callable[[], bool]:
+    return lambda: comfyui_version() >= version
+
+
+MODERN_FAMILIES = {
+    "flux": ModernFamily(
+        "flux", FLUX_CONFIG, "FluxSchnell", _since((0, 4)), (8, 64), 768, (1, 16, 8, 8),
+        {"scheduler": "simple", "denoise": 0.5},
+    ),
+    "wan": ModernFamily(
+        "wan", WAN_CONFIG, "WAN21_T2V", lambda: True, (8, 4096), None, (1, 16, 2, 8, 8),
+        {"scheduler": "simple", "denoise": 0.25},  # shift 8: σ ≈ 0.73, a(σ) ≈ 0.27
+    ),
+    "qwen": ModernFamily(
+        "qwen", QWEN_CONFIG, "QwenImage", lambda: False, (8, 64), None, (1, 16, 1, 8, 8),
+        {"scheduler": "simple", "denoise": 0.5},
+    ),
+    "sdxl": ModernFamily(
+        "sdxl", SDXL_CONFIG, "Segmind_Vega", lambda: True, (8, 2048), 1280, (1, 4, 4, 4),
+        {"scheduler": "normal", "denoise": 1.0},
+    ),
+}  # fmt: skip
+
+
+def family_config(family: str) -> dict:
+    """The tiny ``family`` config for the running ComfyUI (0.33's Flux also requires ``txt_ids_dims``)."""
+    config = dict(MODERN_FAMILIES[family].config)
+    if family == "flux":
+        import dataclasses
+
+        import comfy.ldm.flux.model
+
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+            config["txt_ids_dims"] = []
+    return config
+
+
+def _supported_config(unet_config: dict, state: dict[str, torch.Tensor] | None = None):
+    """The ``comfy.supported_models`` instance ComfyUI picks for ``unet_config`` (what detection would pick)."""
+    import comfy.model_detection
+
+    config = comfy.model_detection.model_config_from_unet_config(dict(unet_config), state)
+    if config is None:
+        raise RuntimeError(f"no ComfyUI model class matches {unet_config}")
+    return config
+
+
+def modern_state_dict(family: str) -> dict[str, torch.Tensor]:
+    """Random weights (diffusion-model keys, no prefix, fp16) of the tiny ``family`` network."""
+
+    def build():
+        config = _supported_config(family_config(family))
+        config.set_inference_dtype(torch.float32, None)
+        return config.get_model({}).diffusion_model
+
+    return randomise(_meta(build), MODERN_SEEDS[family])
+
+
+def load_with_config(state: dict[str, torch.Tensor], unet_config: dict):
+    """A ModelPatcher for ``state`` built from ``unet_config``: the steps of ``load_diffusion_model_state_dict`` after
+    detection (class from the config, float32 inference, weights loaded, quantisation metadata honoured)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.utils
+
+    config = _supported_config(unet_config, state)
+    detect_quant = getattr(comfy.utils, "detect_layer_quantization", None)
+    quant = detect_quant(state, "") if detect_quant is not None else None
+    if quant:
+        config.quant_config = quant
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(state, "")
+    model.load_model_weights(dict(state), "")
+    return comfy.model_patcher.ModelPatcher(
+        model,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def load_modern(family: str, state: dict[str, torch.Tensor] | None = None) -> tuple[object, str]:
+    """Load the tiny ``family`` model; returns ``(ModelPatcher, how)`` with ``how`` naming the load path taken."""
+    import comfy.sd
+
+    spec = MODERN_FAMILIES[family]
+    state = modern_state_dict(family) if state is None else state
+    if spec.loader_detects():
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(state))  # loading consumes the dict
+        how = "comfy.sd.load_diffusion_model_state_dict"
+    else:
+        patcher = load_with_config(state, family_config(family))
+        how = "supported-model class with the tiny config (detection reads full-size widths)"
+    found = type(patcher.model.model_config).__name__
+    if found != spec.model_class:
+        raise RuntimeError(f"tiny {family} loaded as {found}, expected {spec.model_class}")
+    loaded = patcher.model.diffusion_model.state_dict()
+    if set(loaded) != set(state) or not all(torch.equal(loaded[k].to(v.dtype), v) for k, v in state.items()):
+        raise RuntimeError(f"tiny {family} did not load its weights unchanged ({how})")
+    return patcher, how
+
+
+def modern_conditioning(family: str, seed: int) -> list:
+    """ComfyUI conditioning for ``family`` without text encoders: random context (and pooled output)."""
+    spec = MODERN_FAMILIES[family]
+    gen = torch.Generator().manual_seed(seed)
+    extra = {} if spec.pooled is None else {"pooled_output": torch.randn(1, spec.pooled, generator=gen)}
+    return [[torch.randn(1, *spec.context, generator=gen), extra]]
