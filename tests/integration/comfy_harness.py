@@ -130,6 +130,7 @@ def isolate_folders(root: Path) -> dict[str, list[str]]:
     """
     import folder_paths
 
+    root.mkdir(parents=True, exist_ok=True)
     root = root.resolve()
     models = root / "models"
     moves = [(Path(folder_paths.models_dir).resolve(), models), (Path(folder_paths.base_path).resolve(), root)]
@@ -147,7 +148,7 @@ def isolate_folders(root: Path) -> dict[str, list[str]]:
         for path in new_paths:
             Path(path).mkdir(parents=True, exist_ok=True)
         folder_paths.folder_names_and_paths[name] = (new_paths, extensions)
-        isolated[name] = new_paths
+        isolated[name] = list(new_paths)
     folder_paths.base_path = str(root)
     folder_paths.models_dir = str(models)
     for name, setter in WORK_DIRS.items():

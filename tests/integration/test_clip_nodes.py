@@ -12,7 +12,7 @@ import json
 import pytest
 import tiny_clip
 import torch
-from comfy_harness import PromptExecutionError
+from comfy_harness import PromptExecutionError, PromptValidationError
 from prompts import decode, ksampler, sd15_inputs
 
 TOLERANCE = 1e-4
@@ -159,12 +159,20 @@ def test_folder_without_weights_is_the_documented_error(harness, tiny, clip_mode
 
 
 def test_unknown_model_name_is_a_clear_error(harness, tiny, clip_models):
-    # ComfyUI 0.3.64 does not check V3 combo values against their options, so the loader itself must say it.
+    # The name the README has users install: never present in the session's own clip_score folders (conftest.py).
+    # ComfyUI 0.33 rejects it at validation, listing the choices; 0.3.64 does not check V3 combo values against their
+    # options, so there the loader itself must say it.
     g, _, _ = score_workflow(harness, tiny, model_name="clip-vit-base-patch16", prompt=PROMPTS[0])
-    with pytest.raises(PromptExecutionError, match=r"model_name 'clip-vit-base-patch16' was not found in \[") as info:
+    with pytest.raises((PromptValidationError, PromptExecutionError), match=r"'clip-vit-base-patch16'") as info:
         harness.run(g)
-    assert str(clip_models.root) in info.value.error["exception_message"]
-    assert "into models/clip_score/ and refresh the node list" in info.value.error["exception_message"]
+    if isinstance(info.value, PromptValidationError):
+        assert [e["class_type"] for e in info.value.node_errors.values()] == ["REGCLIPScoreLoader"]
+        assert f"'{tiny_clip.FULL}'" in str(info.value)  # the choices are listed
+    else:
+        message = info.value.error["exception_message"]
+        assert "model_name 'clip-vit-base-patch16' was not found in [" in message
+        assert str(clip_models.root) in message
+        assert "into models/clip_score/ and refresh the node list" in message
 
 
 def test_scorer_is_cached_between_runs(harness, tiny, clip_models, reg_pack):
