@@ -12,17 +12,32 @@ from ..reg_core import guidance
 from ..reg_core.guidance import APG
 
 
-def apg_pre_cfg(apg: APG) -> Callable[[dict], list]:
-    """A pre-cfg hook running reg_core's APG with ComfyUI's semantics; a no-op when the uncond pass was skipped."""
+class APGPreCfg:
+    """A pre-cfg hook running reg_core's APG with ComfyUI's semantics; a no-op when the uncond pass was skipped.
 
-    def hook(args: dict) -> list:
+    The sampler's cfg is APG's cond-anchored scale ``s`` (result ``D_c + s·G_apg``), not CFG's: the schedule asks
+    :func:`has_apg` to schedule it as such.
+    """
+
+    def __init__(self, apg: APG) -> None:
+        self.apg = apg
+
+    def __call__(self, args: dict) -> list:
         out = args["conds_out"]
         if len(out) < 2 or args["conds"][1] is None:
             return out
         sigma = float(args["sigma"][0])
-        return [apg.modified_cond(out[0], out[1], args["cond_scale"], sigma), *out[1:]]
+        return [*self.apg.pre_cfg(out[0], out[1], args["cond_scale"], sigma), *out[2:]]
 
-    return hook
+
+def apg_pre_cfg(apg: APG) -> APGPreCfg:
+    """The pre-cfg hook of :class:`APGPreCfg` for ``apg``."""
+    return APGPreCfg(apg)
+
+
+def has_apg(model_options: dict) -> bool:
+    """Whether ``model_options`` carry this pack's APG hook (then cfg is APG's cond-anchored scale)."""
+    return any(isinstance(fn, APGPreCfg) for fn in model_options.get("sampler_pre_cfg_function", []))
 
 
 def _identity_attention(q, k, v, extra_options, mask=None):

@@ -1,4 +1,4 @@
-"""The guidance-weight schedule as a PREDICT_NOISE wrapper (reg_core.schedules conventions)."""
+"""The guidance-weight schedule as keyed sampler wrappers (reg_core.schedules conventions)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from comfy.patcher_extension import WrappersMP
 from ..reg_core import schedules
 from ..reg_core.schedules import Progress, Schedule
 from .common import LOGGER_NAME, AddWrapper, REGConfigError
+from .guidance_hooks import has_apg
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -37,26 +38,44 @@ class ScheduleSettings:
 
 
 def ve_sigma(sigma: float, flow: bool) -> float:
-    """σ in the EDM/VE convention: flow models' σ maps to ``σ/(1−σ)`` (reg-math §9)."""
+    """σ in the EDM/VE convention: flow models' σ maps to ``σ/(1−σ)`` (``x/(1−σ) = x0 + σ/(1−σ)·ε``).
+
+    The interval schedule's window is given in EDM σ (the REG paper's EDM2 setting, Kynkäänniemi et al. 2024).
+    """
     if not flow:
         return sigma
     return math.inf if sigma >= 1 else sigma / (1 - sigma)
 
 
+@dataclass
+class ScheduleRun:
+    """Per-sampling-run state of a :class:`SchedulePatch` (created by its OUTER_SAMPLE wrapper)."""
+
+    warned: bool = False
+
+
 class SchedulePatch:
-    """A PREDICT_NOISE wrapper that sets the guider's cfg to ``1 + w(σ, p)`` for each step, then restores it."""
+    """Wrappers that set the guider's cfg to the scheduled value for each step, then restore it.
+
+    CFG's cfg is uncond-anchored, so the weight is ``w = cfg − 1`` and the step's cfg ``1 + w(σ, p)``; under this
+    pack's APG the cfg is APG's cond-anchored scale, the weight itself, and the step's cfg is ``w(σ, p)``.
+    """
 
     def __init__(self, settings: ScheduleSettings) -> None:
         settings.validate()
         self.settings = settings
-        self._warned = False
+        self.run: ScheduleRun | None = None
 
     def install(self, add_wrapper: AddWrapper) -> None:
+        add_wrapper(WrappersMP.OUTER_SAMPLE, SCHEDULE_KEY, self.outer_sample)
         add_wrapper(WrappersMP.PREDICT_NOISE, SCHEDULE_KEY, self.predict_noise)
 
-    def cfg_at(self, base_cfg: float, sigma: float, sample_sigmas: list[float], flow: bool) -> float:
-        """The scheduled cfg for this step (weights are cond-anchored: ``w = cfg − 1``)."""
+    def cfg_at(
+        self, base_cfg: float, sigma: float, sample_sigmas: list[float], flow: bool, *, cond_anchored: bool = False
+    ) -> float:
+        """The scheduled cfg for this step; ``cond_anchored``: the cfg is APG's scale (``w = cfg``, not ``cfg − 1``)."""
         s = self.settings
+        offset = 0.0 if cond_anchored else 1.0
         sig = ve_sigma(sigma, flow)
         if s.progress is Progress.STEPS:
             progress = schedules.step_progress(sigma, sample_sigmas)
@@ -64,30 +83,50 @@ class SchedulePatch:
             progress = schedules.sigma_progress(sigma, max(sample_sigmas))  # the model's own σ (flow starts at 1)
         w = schedules.scheduled_weight(
             s.schedule,
-            base_cfg - 1.0,
+            base_cfg - offset,
             sigma=sig,
             progress=progress,
-            w_end=s.end_cfg - 1.0,
+            w_end=s.end_cfg - offset,
             sigma_low=s.sigma_low,
             sigma_high=s.sigma_high,
             exponent=s.exponent,
         )
-        return 1.0 + w
+        return offset + w
+
+    def outer_sample(self, executor, *args, **kwargs):
+        outer = self.run  # a nested sampling run keeps the outer run's state
+        self.run = ScheduleRun()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.run = outer
 
     def predict_noise(self, executor, x, timestep, model_options, seed):
         guider = executor.class_obj
         base = getattr(guider, "cfg", None)
         # DualCFGGuider inherits CFGGuider's ``cfg`` but guides with its own ``cfg1``/``cfg2``
         if not isinstance(base, (int, float)) or hasattr(guider, "cfg1"):
-            if not self._warned:
+            run = self.run if self.run is not None else ScheduleRun()
+            if not run.warned:
                 log.warning("REG schedule: %s has no single cfg scale; the schedule is ignored.", type(guider).__name__)
-                self._warned = True
+                run.warned = True
             return executor(x, timestep, model_options, seed)
         sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         steps = [float(v) for v in sample_sigmas] if sample_sigmas is not None else [float(timestep.max())]
         flow = isinstance(guider.model_patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
-        guider.cfg = self.cfg_at(float(base), float(timestep.max()), steps, flow)
+        apg = has_apg(model_options)
+        if apg:  # APG at scale 1 still needs the negative pass ComfyUI skips at cfg 1
+            model_options = {**model_options, "disable_cfg1_optimization": True}
+        guider.cfg = self.cfg_at(float(base), float(timestep.max()), steps, flow, cond_anchored=apg)
         try:
             return executor(x, timestep, model_options, seed)
         finally:
             guider.cfg = base
+
+
+def remove_schedule(patcher) -> bool:
+    """Remove every schedule wrapper from a ModelPatcher; return whether it had one."""
+    had = bool(patcher.get_wrappers(WrappersMP.PREDICT_NOISE, SCHEDULE_KEY))
+    for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE):
+        patcher.remove_wrappers_with_key(kind, SCHEDULE_KEY)
+    return had

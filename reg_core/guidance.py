@@ -83,9 +83,16 @@ class APG:
         parallel, orthogonal = project(g, d_c)
         return orthogonal + self.eta * parallel
 
-    def modified_cond(self, d_c: Tensor, d_u: Tensor, scale: float, sigma: float) -> Tensor:
-        """ComfyUI's pre-cfg output ``D_u + G_apg + (D_c − D_u)/s``, so that :func:`cfg` at ``s`` gives APG."""
-        return d_u + self.guidance(d_c, d_u, sigma) + (d_c - d_u) / scale
+    def pre_cfg(self, d_c: Tensor, d_u: Tensor, scale: float, sigma: float) -> tuple[Tensor, Tensor]:
+        """The ``(cond, uncond)`` pair a pre-cfg hook returns, so that :func:`cfg` at ``s`` gives ``D_c + s·G_apg``.
+
+        As ComfyUI's APG node: the uncond stays ``D_u`` and the cond becomes ``D_u + G_apg + (D_c − D_u)/s``. At
+        ``s = 0`` that division is undefined; APG at scale 0 is the conditional prediction, so both become ``D_c``.
+        """
+        g = self.guidance(d_c, d_u, sigma)
+        if scale == 0:
+            return d_c, d_c
+        return d_u + g + (d_c - d_u) / scale, d_u
 
     def __call__(self, d_c: Tensor, d_u: Tensor, scale: float, sigma: float) -> Tensor:
         """The APG-guided prediction ``D_c + s·G_apg``."""

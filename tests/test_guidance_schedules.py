@@ -47,9 +47,20 @@ def test_apg_neutral_settings_equal_cfg_at_scale_plus_one() -> None:
     d_c, d_u = tensors(1)
     apg = guidance.APG(eta=1.0, norm_threshold=0.0, momentum=0.0)
     s = 4.5
-    via_comfy_path = guidance.cfg(apg.modified_cond(d_c, d_u, s, 1.0), d_u, s)
+    via_comfy_path = guidance.cfg(*apg.pre_cfg(d_c, d_u, s, 1.0), s)
     assert torch.allclose(via_comfy_path, guidance.cfg(d_c, d_u, s + 1), atol=1e-12)
     assert torch.allclose(apg(d_c, d_u, s, 0.9), guidance.cfg(d_c, d_u, s + 1), atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, -1.0, 2.5])
+def test_apg_pre_cfg_pair_gives_apg_at_every_scale_including_zero(scale: float) -> None:
+    d_c, d_u = tensors(2)
+    apg = guidance.APG(eta=0.4, norm_threshold=3.0, momentum=0.0)
+    got = guidance.cfg(*apg.pre_cfg(d_c, d_u, scale, 1.0), scale)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, d_c + scale * apg.guidance(d_c, d_u, 1.0), atol=1e-12)
+    if scale == 0:
+        assert torch.equal(got, d_c)  # APG at scale 0 is the conditional prediction, exactly
 
 
 @pytest.mark.parametrize(("eta", "tau", "momentum"), [(0.0, 5.0, 0.0), (0.3, 2.0, -0.5), (1.0, 0.0, 0.7)])
@@ -59,7 +70,7 @@ def test_apg_matches_comfyui_semantics_over_a_run(eta: float, tau: float, moment
     sigmas = [14.6, 7.0, 3.0, 1.0, 14.6, 5.0]  # σ rises once: both reset momentum
     for i, sigma in enumerate(sigmas):
         d_c, d_u = tensors(10 + i)
-        ours = guidance.cfg(apg.modified_cond(d_c, d_u, 3.0, sigma), d_u, 3.0)
+        ours = guidance.cfg(*apg.pre_cfg(d_c, d_u, 3.0, sigma), 3.0)
         ref = comfy_apg_reference(d_c, d_u, 3.0, sigma, state, eta, tau, momentum)
         assert torch.allclose(ours, ref, atol=1e-12)
 

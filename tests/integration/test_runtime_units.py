@@ -20,12 +20,12 @@ class _Model:
 
 
 def test_finite_difference_step_follows_the_compute_dtype(reg_pack):
-    runtime = reg_pack.submodule("nodes.reg_runtime")
-    assert runtime.fd_relative_step(_Model(torch.float32)) == 1e-3
-    assert runtime.fd_relative_step(_Model(torch.float16)) == pytest.approx(0.03125)
-    assert runtime.fd_relative_step(_Model(torch.bfloat16)) == pytest.approx(0.0884, abs=1e-3)
-    assert runtime.fd_relative_step(_Model(torch.float8_e4m3fn, torch.bfloat16)) == pytest.approx(0.0884, abs=1e-3)
-    assert runtime.fd_relative_step(_Model(torch.float8_e4m3fn)) == pytest.approx(0.0884, abs=1e-3)
+    estimators = reg_pack.submodule("nodes.estimators")
+    assert estimators.fd_relative_step(_Model(torch.float32)) == 1e-3
+    assert estimators.fd_relative_step(_Model(torch.float16)) == pytest.approx(0.03125)
+    assert estimators.fd_relative_step(_Model(torch.bfloat16)) == pytest.approx(0.0884, abs=1e-3)
+    assert estimators.fd_relative_step(_Model(torch.float8_e4m3fn, torch.bfloat16)) == pytest.approx(0.0884, abs=1e-3)
+    assert estimators.fd_relative_step(_Model(torch.float8_e4m3fn)) == pytest.approx(0.0884, abs=1e-3)
 
 
 def test_sigma_progress_on_flow_models_uses_the_models_own_sigma(reg_pack):
@@ -67,3 +67,45 @@ def test_guider_schedule_on_a_scheduled_model_is_a_clear_error(harness, tiny):
     custom_advanced(g, inp, guider=guider.out(0), steps=1)
     with pytest.raises(PromptExecutionError, match="scheduled twice"):
         harness.run(g)
+
+
+def guider_run(harness, tiny, *, cfg, base, steps=1, **overrides):
+    """The latent of SamplerCustomAdvanced with a REGGuider (neutral APG settings unless overridden)."""
+    g = harness.graph()
+    inp = sd15_inputs(g, tiny)
+    inputs = {
+        "cfg": cfg,
+        "base": base,
+        "eta": 1.0,
+        "norm_threshold": 0.0,
+        "momentum": 0.0,
+        "pag_scale": 3.0,
+        **REG,
+        **SCHEDULE,
+        "progress": "steps",
+        **overrides,
+    }
+    guider = g.node("REGGuider", model=inp.model, positive=inp.positive, negative=inp.negative, **inputs)
+    sampler = custom_advanced(g, inp, guider=guider.out(0), steps=steps)
+    return harness.run(g).latent(sampler)
+
+
+def test_apg_at_scale_zero_is_the_conditional_prediction(harness, tiny):
+    """APG's cfg is cond-anchored: scale 0 is D_c alone, which CFG gives at cfg 1 (no NaN from dividing by 0)."""
+    apg = guider_run(harness, tiny, cfg=0.0, base="apg", eta=0.5, norm_threshold=2.0)
+    cond_only = guider_run(harness, tiny, cfg=1.0, base="cfg")
+    assert torch.isfinite(apg).all()
+    assert torch.allclose(apg, cond_only, atol=1e-5)
+
+
+@pytest.mark.parametrize(("schedule", "apg_end", "cfg_end"), [("cosine", 1.0, 1.0), ("linear", 1.0, 2.0)])
+def test_scheduled_apg_follows_the_same_weights_as_scheduled_cfg(harness, tiny, schedule, apg_end, cfg_end):
+    """Neutral APG at scale s is CFG at s + 1 (w = s), so a schedule must give both the same weights w(σ, p).
+
+    The cosine ramp starts from no guidance; the linear one ends at APG scale 1 exactly, where ComfyUI would skip
+    the negative pass at cfg 1.
+    """
+    sched = {"schedule": schedule, "progress": "steps"}
+    apg = guider_run(harness, tiny, cfg=3.0, base="apg", steps=4, **sched, end_cfg=apg_end)
+    cfg = guider_run(harness, tiny, cfg=4.0, base="cfg", steps=4, **sched, end_cfg=cfg_end)
+    assert torch.allclose(apg, cfg, atol=1e-4), float((apg - cfg).abs().max())
