@@ -75,14 +75,38 @@ REEXEC_FLAG = "REG_BENCH_UNDER_COMFYUI"
 # Steps per run: S − 1 timed steps, a multiple of 4 so refresh_every 2 and 4 see their exact fresh/reused mix.
 DEFAULT_STEPS = {"sd15": 5, "sd3": 5, "core": 17}
 DEFAULT_MODELS = ["sd15", "sd3"]
+REAL_MODELS = ["sd15", "sdxl", "sd35m", "flux"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
-        "--models", nargs="+", choices=DEFAULT_MODELS, help="ComfyUI only (default: %(choices)s)", metavar="MODEL"
+        "--models",
+        nargs="+",
+        choices=sorted({*DEFAULT_MODELS, *REAL_MODELS}),
+        help=f"ComfyUI only: tiny models {DEFAULT_MODELS} (default both); with --real-size {REAL_MODELS} "
+        "(default sd15)",
+        metavar="MODEL",
     )
-    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64], help="latent sizes in latent pixels")
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, help="latent sizes in latent pixels (default 32 64; --real-size: per model)"
+    )
+    real = parser.add_argument_group("real sizes (bench/real_size.py)")
+    real.add_argument("--real-size", action="store_true", help="full-size random-weight networks (see real_size.py)")
+    real.add_argument("--tiny", action="store_true", help="with --real-size: tiny networks of the same classes")
+    real.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: sd15 fp32, others bf16 on CPU)")
+    real.add_argument(
+        "--flux-depth", nargs=2, type=int, metavar=("DOUBLE", "SINGLE"), help="Flux blocks (default CPU 2 4, GPU 19 38)"
+    )
+    real.add_argument("--precision-size", type=int, help="latent size of the M precision rows (0: skip)")
+    real.add_argument("--profiled", type=int, choices=[0, 1, 2], default=1, help="profiled runs per config (CPU)")
+    real.add_argument("--graph", action="store_true", help="also measure one conditional graph's size (one forward)")
+    real.add_argument("--exact", action="store_true", help="also the exactness check on sdxl and flux")
+    real.add_argument("--markdown", type=Path, help="also write the real-size report as markdown here")
+    real.add_argument(
+        "--gpu-plan", action="store_true", help="the GPU check's plan (bench/gpu_carry.py; ./dev bench --gpu)"
+    )
     parser.add_argument(
         "--steps",
         type=int,
@@ -108,6 +132,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.real_size:
+        if args.models and set(args.models) - set(REAL_MODELS):
+            parser.error(f"--real-size models are {REAL_MODELS}")
+        if args.steps is not None and (args.steps < 3 or (args.steps - 1) % 2):
+            parser.error("--real-size --steps must be 3, 5, 7, …: step 0 is not timed and refresh_every 2 needs pairs")
+        return args
+    if args.models and set(args.models) - set(DEFAULT_MODELS):
+        parser.error(f"the tiny-model benchmark's models are {DEFAULT_MODELS}; the others need --real-size")
     if args.steps is not None and (args.steps < 5 or (args.steps - 1) % 4):
         parser.error(
             "--steps must be 5, 9, 13, …: step 0 is not timed, and the timed steps (steps - 1) must be a multiple of 4 "
@@ -122,7 +154,9 @@ def check_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
     names = [c.name for c in CONFIGS]
     if args.configs is None:
-        args.configs = names
+        from bench.real_size import REAL_CONFIGS
+
+        args.configs = list(REAL_CONFIGS) if args.real_size else names
     unknown = set(args.configs) - set(names)
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}; choose from {names}")
@@ -177,8 +211,9 @@ def run_comfyui(args: argparse.Namespace, comfyui: Path) -> tuple[list, list, st
     measurements, breakdowns = [], []
     for key in args.models or DEFAULT_MODELS:
         fam = bench.family(key)
+        sizes = args.sizes or [32, 64]
         write(f"{fam.label}: {fam.params / 1e6:.2f}M parameters\n")
-        for size in args.sizes:
+        for size in sizes:
             if args.breakdown_reps > 0:
                 b = bench.breakdown(fam, size, args.breakdown_reps)
                 breakdowns.append(b)
@@ -205,7 +240,7 @@ def run_core(args: argparse.Namespace) -> tuple[list, list, str]:
     header = f"pure-torch core benchmark (no ComfyUI): {bench.describe()}"
     write(header + "\n\n")
     measurements, breakdowns = [], []
-    for size in args.sizes:
+    for size in args.sizes or [32, 64]:
         if args.breakdown_reps > 0:
             b = bench.breakdown(size, args.breakdown_reps)
             breakdowns.append(b)
@@ -215,6 +250,91 @@ def run_core(args: argparse.Namespace) -> tuple[list, list, str]:
         measurements.append(m)
         write(report.measurement_table(m))
     return measurements, breakdowns, header
+
+
+def real_size_plan(args: argparse.Namespace, gpu: bool):
+    """The :class:`bench.real_size.Plan` of the command line (defaults per device, see bench/README.md)."""
+    import torch
+
+    from bench import real_size
+
+    models = args.models or (["sdxl", "flux", "sd15", "sd35m"] if gpu else ["sd15"])
+    tiny_sizes = {key: [8] for key in models}
+    sizes = (
+        {key: args.sizes for key in models} if args.sizes else (tiny_sizes if args.tiny else real_size.DEFAULT_SIZES)
+    )
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    if dtype is None and not gpu and not args.tiny:
+        dtype = None if models == ["sd15"] else torch.bfloat16  # the issue's CPU rows: SD1.5 fp32, the rest bf16
+    depth = tuple(args.flux_depth) if args.flux_depth else (real_size.FLUX_FULL_DEPTH if gpu else (2, 4))
+    return real_size.Plan(
+        models=models,
+        sizes={key: sizes[key] for key in models},
+        configs=args.configs,
+        steps=args.steps or (5 if gpu else 3),
+        repeats=args.repeats,
+        tiny=args.tiny,
+        dtype=dtype,
+        flux_depth=depth,
+        precision_size=args.precision_size,
+        profiled=args.profiled,
+        graph=args.graph,
+        exact=args.exact or gpu,
+        exact_fp32=gpu,
+    )
+
+
+def run_real_size(args: argparse.Namespace, comfyui: Path, device: str = "cpu") -> dict:
+    """Full-size (or ``--tiny``) networks through ComfyUI: the tables of bench/real_size.py; returns the raw results."""
+    from bench import comfy_bench, real_size, report
+    from bench.benchlib import environment_line
+
+    bench = comfy_bench.ComfyBench(comfyui, args.attention or "default", device)
+    plan = real_size_plan(args, device == "gpu" or args.gpu_plan)
+    machine = f"{machine_line(device)}; {environment_line()}; ComfyUI at {comfyui}; {bench.memory_mode}"
+    write(f"{machine}\nplan: {plan}\n\n")
+    out = real_size.run(bench, plan, write)
+    out["machine"] = machine
+    out["markdown"] = report.real_size_markdown(
+        machine, out["models"], out["measurements"], out["precision"], out["exactness"]
+    )
+    write("\n" + out["markdown"])
+    return out
+
+
+def machine_line(device: str) -> str:
+    """The processor or GPU the numbers were measured on."""
+    import platform
+
+    import torch
+
+    if device == "gpu" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB), torch CUDA {torch.version.cuda}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU {name}, {os.cpu_count()} cores"
+
+
+def write_results(out: dict, json_path: Path | None, markdown_path: Path | None, args: argparse.Namespace) -> None:
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "machine": out["machine"],
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "models": out["models"],
+            "measurements": [asdict(m) for m in out["measurements"]],
+            "precision": [asdict(p) for p in out["precision"]],
+            "exactness": [{**asdict(e), "ok": e.ok} for e in out["exactness"]],
+        }
+        json_path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(out["markdown"])
 
 
 def reprint(path: Path) -> int:
@@ -265,6 +385,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     write(f"REG benchmark: {environment_line()}\n")
+    if args.real_size:
+        if comfyui is None:
+            raise SystemExit("--real-size needs ComfyUI (COMFYUI_PATH, see tests/integration/locate.py)")
+        out = run_real_size(args, comfyui, os.environ.get("REG_BENCH_DEVICE", "cpu"))
+        write_results(out, args.json, args.markdown, args)
+        write(f"total {time.perf_counter() - start:.0f} s\n")
+        failed = [e for e in out["exactness"] if not e.ok]
+        return 1 if failed else 0
     if comfyui is not None:
         measurements, breakdowns, header = run_comfyui(args, comfyui)
     else:

@@ -176,6 +176,47 @@ class PeakMemory:
         return self.peak() - self.baseline
 
 
+class CudaPeakMemory(PeakMemory):
+    """Per-run peak of the CUDA caching allocator (``torch.cuda.max_memory_allocated``), the GPU counterpart of
+    :class:`PeakMemory` with the same interface: exact for every tensor PyTorch allocates on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.available = torch.cuda.is_available()
+        self.baseline = 0
+
+    def start(self) -> int:
+        """Synchronise, free cached blocks, reset the peak; returns (and keeps) the allocated bytes."""
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.baseline = torch.cuda.memory_allocated(self.device)
+        return self.baseline
+
+    def peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+def map_agreement(estimate: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """``(cosine, relative L2 error)`` of ``estimate`` against ``reference``, flattened, computed in float64.
+
+    cosine = ⟨e, r⟩ / (‖e‖ ‖r‖); relative error = ‖e − r‖ / ‖r‖ (0 and 1 for identical maps). Used for M computed in a
+    low-precision dtype against M in float32 on the same weights and input.
+    """
+    e = estimate.detach().reshape(-1).to(torch.float64)
+    r = reference.detach().reshape(-1).to(torch.float64)
+    if e.shape != r.shape:
+        raise ValueError(f"maps differ in size: {tuple(estimate.shape)} vs {tuple(reference.shape)}")
+    r_norm = float(r.norm())
+    if r_norm == 0.0:
+        raise ValueError("the reference map is zero: relative error undefined")
+    e_norm = float(e.norm())
+    cosine = float(e @ r) / (e_norm * r_norm) if e_norm else 0.0
+    return cosine, float((e - r).norm()) / r_norm
+
+
 class SavedTensors:
     """Bytes of the distinct storages autograd saves for backward (see :func:`saved_tensor_bytes`)."""
 
@@ -369,12 +410,20 @@ class TensorProfile:
         return same_kind_growth(self.step_live, self.refresh_every)
 
 
-def profile_runs(run: Callable[[TensorRecorder], RunStats], refresh_every: int) -> TensorProfile:
-    """Two consecutive runs under :func:`tensor_memory`; ``run(recorder)`` must mark after every step."""
+def profile_runs(run: Callable[[TensorRecorder], RunStats], refresh_every: int, runs: int = 2) -> TensorProfile:
+    """Consecutive runs under :func:`tensor_memory`; ``run(recorder)`` must mark after every step.
+
+    With two runs (the default) the peak and per-step levels come from the second and ``run_growth`` is what it left
+    behind beyond the first; with one run (full-size models, where every run costs minutes) the peak and levels come
+    from that run and ``run_growth`` is 0 (not measured).
+    """
+    if runs not in (1, 2):
+        raise ValueError(f"runs must be 1 or 2, got {runs}")
     with tensor_memory() as rec:
-        rec.mark()
-        run(rec)
         first_end = rec.mark()
+        if runs == 2:
+            run(rec)
+            first_end = rec.mark()
         second = run(rec)
         second_end = rec.mark()
     trace = rec.trace
@@ -486,6 +535,7 @@ class Config:
 CONFIGS = (
     Config("CFG"),
     Config("REG vjp", "vjp"),
+    Config("REG vjp-low-memory", "vjp-low-memory"),
     Config("REG gradient-free", "gradient-free"),
     Config("REG chain", "chain"),
     Config("REG vjp k=2", "vjp", 2),
@@ -505,14 +555,21 @@ def measure_configs(
     configs: Sequence[Config],
     repeats: int,
     run: RunFn,
+    *,
+    profiled: int = 2,
+    memory: PeakMemory | None = None,
     **extra: int,
 ) -> Measurement:
-    """The timed runs, bracketed by CFG (see :func:`bracketed`), then two profiled runs of each configuration.
+    """The timed runs, bracketed by CFG (see :func:`bracketed`), then ``profiled`` profiled runs of each configuration
+    (0: none, the tensor columns read n/a; 1 or 2: see :func:`profile_runs`).
 
-    ``run(config, seed, memory, recorder)`` samples once; ``extra`` fills Measurement's remaining fields
-    (``record_bytes``, ``graph_bytes``).
+    ``run(config, seed, memory, recorder)`` samples once; ``memory`` is the per-run peak probe (default: the RSS
+    high-water mark, :class:`PeakMemory`; on a GPU :class:`CudaPeakMemory`); ``extra`` fills Measurement's remaining
+    fields (``record_bytes``, ``graph_bytes``).
     """
-    memory = PeakMemory()
+    if profiled not in (0, 1, 2):
+        raise ValueError(f"profiled must be 0, 1 or 2, got {profiled}")
+    memory = PeakMemory() if memory is None else memory
     by_name = {c.name: c for c in configs}
     runs: dict[str, list[RunStats]] = {c.name: [] for c in configs}
     rss_sequence = []  # the RSS after each run (freed memory released), in run order
@@ -521,7 +578,10 @@ def measure_configs(
         stats = run(by_name[name], index, memory if memory.available else None, None)
         runs[name].append(stats)
         rss_sequence.append(stats.rss_after)
-    tensors = {c.name: profile_runs(lambda recorder, c=c: run(c, 0, None, recorder), c.refresh_every) for c in configs}
+    tensors = {}
+    if profiled:
+        for c in configs:
+            tensors[c.name] = profile_runs(lambda recorder, c=c: run(c, 0, None, recorder), c.refresh_every, profiled)
     return Measurement(
         label,
         size,

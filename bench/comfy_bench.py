@@ -45,15 +45,27 @@ SCHEDULER = "normal"
 MMDIT_DEPTH = 6
 
 
-def import_comfyui(comfyui: Path, attention: str = "default") -> None:
-    """Import ComfyUI in-process (CPU). Order matters, see tests/integration/conftest.py ``_import_comfyui``."""
+def import_comfyui(comfyui: Path, attention: str = "default", device: str = "cpu") -> str:
+    """Import ComfyUI in-process. Order matters, see tests/integration/conftest.py ``_import_comfyui``.
+
+    ``device`` "cpu" forces ComfyUI's ``--cpu``; "gpu" leaves every flag at its default and sets up memory management
+    the way main.py does (:func:`bench.gpu_setup.init_like_main`: comfy-aimdo's DynamicVRAM where ComfyUI enables it).
+    """
     sys.path.insert(0, str(comfyui))  # before the repository root, which has its own ``nodes`` package
     if str(INTEGRATION) not in sys.path:
         sys.path.insert(1, str(INTEGRATION))
     import comfy.cli_args
 
     args = comfy.cli_args.args
-    args.cpu = True
+    if device == "cpu":
+        args.cpu = True
+        memory_mode = "CPU (--cpu)"
+    elif device == "gpu":
+        from bench import gpu_setup
+
+        memory_mode = gpu_setup.init_like_main()
+    else:
+        raise ValueError(f"unknown device {device!r} (cpu, gpu)")
     if attention == "pytorch":
         args.use_pytorch_cross_attention = True
     elif attention == "split":
@@ -69,6 +81,7 @@ def import_comfyui(comfyui: Path, attention: str = "default") -> None:
 
     if Path(nodes.__file__).resolve() != (comfyui / "nodes.py").resolve():
         raise RuntimeError(f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py")
+    return memory_mode
 
 
 @dataclass
@@ -87,11 +100,10 @@ class Family:
 class ComfyBench:
     """ComfyUI with the pack loaded and the tiny models registered."""
 
-    def __init__(self, comfyui: Path, attention: str = "default") -> None:
-        import_comfyui(comfyui, attention)
+    def __init__(self, comfyui: Path, attention: str = "default", device: str = "cpu") -> None:
+        self.memory_mode = import_comfyui(comfyui, attention, device)
         import comfy_harness
         import folder_paths
-        import tiny_models
 
         self._tmp = tempfile.TemporaryDirectory(prefix="reg-bench-")
         root = Path(self._tmp.name)
@@ -102,12 +114,53 @@ class ComfyBench:
         folder_paths.set_input_directory(str(root / "input"))
         self.pack = comfy_harness.load_pack(REPO, root / "custom_nodes")
         self.runtime = self.pack.submodule("nodes.reg_runtime")
+        self.rectify = self.pack.submodule("reg_core.rectify")
         self.diagnostics = self.pack.submodule("reg_core.diagnostics")
-        self.tiny = tiny_models.prepare(REPO / "tests" / ".models")
+        self._tiny = None
+        self.cuda = device == "gpu"
         import comfy.ldm.modules.attention as attention_module
 
         self.attention = attention_module.optimized_attention.__name__
         self.families: dict[str, Family] = {}
+
+    def runtime_function(self, name: str) -> Callable[..., Any]:
+        """A helper of the pack's runtime by name, wherever the runtime keeps it (its modules are being split:
+        nodes.traced_pass and nodes.estimators, formerly all in nodes.reg_runtime)."""
+        import importlib.util
+
+        for module in ("nodes.traced_pass", "nodes.estimators", "nodes.reg_runtime"):
+            if importlib.util.find_spec(f"{self.pack.module_name}.{module}") is None:
+                continue
+            found = getattr(self.pack.submodule(module), name, None) or getattr(
+                self.pack.submodule(module), name.lstrip("_"), None
+            )
+            if found is not None:
+                return found
+        raise AttributeError(f"the pack's runtime has no {name}")
+
+    def make_differentiable(self, base: Any, conds: list[Any]) -> None:
+        """The runtime's de-inference of the weights (what REG does before its first traced pass)."""
+        import inspect
+
+        modules = self.runtime_function("_differentiable_modules")(base, conds)
+        convert = self.runtime_function("make_differentiable")
+        if len(inspect.signature(convert).parameters) == 2:  # (modules, compute device)
+            convert(modules, base.load_device if hasattr(base, "load_device") else next(base.parameters()).device)
+        else:
+            convert(modules)
+
+    def fd_step(self, base: Any, s: torch.Tensor, x: torch.Tensor, flow: bool) -> torch.Tensor:
+        """The runtime's finite-difference probe step for this model's compute dtype."""
+        return self.rectify.fd_step(s, x, flow=flow, relative=self.runtime_function("fd_relative_step")(base))
+
+    @property
+    def tiny(self) -> Any:
+        """The tiny test models, built (once, cached in tests/.models/) and registered on first use."""
+        if self._tiny is None:
+            import tiny_models
+
+            self._tiny = tiny_models.prepare(REPO / "tests" / ".models")
+        return self._tiny
 
     # --- models and configurations ---
 
@@ -183,12 +236,14 @@ class ComfyBench:
 
         latent = torch.zeros(1, fam.channels, size, size)
         noise = comfy.sample.prepare_noise(latent, seed)
+        sync = torch.cuda.synchronize if self.cuda else (lambda: None)
         seconds: list[float] = []
         step_rss: list[int] = []
         step_marks: list[int] = []
         start = [0.0]  # when the current step started
 
         def callback(step, x0, x, total_steps):
+            sync()  # a GPU step ends when its kernels have run
             seconds.append(time.perf_counter() - start[0])
             step_rss.append(rss_bytes())  # between the step's end and the next step's start: not timed
             if recorder is not None:
@@ -225,11 +280,22 @@ class ComfyBench:
         )
 
     def measure(
-        self, fam: Family, size: int, configs: list[Config], *, steps: int, repeats: int, warmup_steps: int
+        self,
+        fam: Family,
+        size: int,
+        configs: list[Config],
+        *,
+        steps: int,
+        repeats: int,
+        warmup_steps: int,
+        profiled: int = 2,
+        graph: bool = True,
+        memory: PeakMemory | None = None,
     ) -> Measurement:
         """Every configuration ``repeats`` times with a CFG run between every two (CFG A CFG B … CFG, rotating), after
-        one warm-up round; then two profiled runs of each for the exact tensor memory (never timed), and the size of
-        one conditional autograd graph (one untimed forward).
+        one warm-up round; then ``profiled`` profiled runs of each for the exact tensor memory (never timed), and with
+        ``graph`` the size of one conditional autograd graph (one untimed forward). ``memory``: the per-run peak probe
+        (default RSS; :class:`bench.benchlib.CudaPeakMemory` on a GPU).
 
         The warm-up round (``warmup_steps`` steps per configuration, not counted) also makes the weights
         differentiable (the pack's de-inference on its first run), so every timed run, CFG included, sees the same
@@ -250,8 +316,10 @@ class ComfyBench:
             configs,
             repeats,
             run,
+            profiled=profiled,
+            memory=memory,
             record_bytes=self._record_bytes(fam, size),
-            graph_bytes=self.in_sampling_context(fam, size, self._cond_graph_bytes),
+            graph_bytes=self.in_sampling_context(fam, size, self._cond_graph_bytes) if graph else 0,
         )
 
     def _record_bytes(self, fam: Family, size: int) -> int:
@@ -287,7 +355,7 @@ class ComfyBench:
         """The guider's model with the runtime's de-inferenced weights, its processed conds and its parameters."""
         base = guider.inner_model
         pos, neg = guider.conds["positive"], guider.conds["negative"]
-        self.runtime.make_differentiable(self.runtime._differentiable_modules(base, [pos, neg]))
+        self.make_differentiable(base, [pos, neg])
         return base, pos, neg, list(base.parameters())
 
     def _cond_graph_bytes(self, guider, x, sigma, model_options) -> int:
@@ -315,11 +383,10 @@ class ComfyBench:
         import comfy.samplers
 
         base, pos, neg, params = self._differentiable_base(guider)
-        rt = self.runtime
         trainable = sum(1 for p in params if p.requires_grad)
         s = sigma * x.new_ones(x.shape[0])
         flow = isinstance(base.model_sampling, comfy.model_sampling.CONST)
-        h = rt.rectify.fd_step(s, x, flow=flow, relative=rt.fd_relative_step(base))  # the runtime's probe
+        h = self.fd_step(base, s, x, flow)  # the runtime's probe
 
         def calc(conds, x_in, timestep=s):
             return comfy.samplers.calc_cond_batch(base, conds, x_in, timestep, model_options)

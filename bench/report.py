@@ -25,7 +25,7 @@ MEMORY_RULES = (
     "too); gradient-free keeps no graph, only one more sample's inference activations in its batch-3 pass: "
     f"extra <= max({GF_EXTRA_FRACTION:g} x CFG's tensor peak, {GF_MEMORY_FLOOR / MIB:g} MiB)\n"
 )
-EXACT_ESTIMATORS = ("vjp", "chain")
+EXACT_ESTIMATORS = ("vjp", "vjp-low-memory", "chain")
 # Growth limits on live tensor bytes (exact): the per-step diagnostics record (M's statistics and a map of at most
 # 48x48 per channel, kept for the REGDiagnostics node) is the only thing a run is meant to accumulate; its few
 # per-sample statistics add well under 1 KiB. Nothing may grow from run to run.
@@ -234,3 +234,97 @@ def targets_table(targets: list[Target]) -> str:
     rows = [[t.what, t.where, t.measured, {True: "met", False: "MISSED", None: "n/a"}[t.met]] for t in targets]
     table = format_table(["target", "where", "measured (median)", "verdict"], rows, title="targets")
     return table + MEMORY_RULES + "\n"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table (first column left-aligned, the rest right-aligned), ending in a newline."""
+    if any(len(r) != len(headers) for r in rows):
+        raise ValueError("every row needs one cell per header")
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    align = "|---|" + "---:|" * (len(headers) - 1)
+    return "\n".join([line(headers), align, *(line(r) for r in rows)]) + "\n"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:+.2f}"
+
+
+def memory_over_reference(m: Measurement, name: str) -> tuple[float, str]:
+    """Peak memory of ``name`` above the reference's, and what it measures: exact live tensors when profiled, else the
+    median of the bracketed per-run peaks (RSS on the CPU, the CUDA allocator's peak on a GPU)."""
+    if name in m.tensors and m.reference in m.tensors:
+        return float(m.tensor_over_reference(name)), "tensors"
+    if name == m.reference:
+        return 0.0, "run peak"
+    return statistics.median(m.extra_over_reference(name)), "run peak"
+
+
+def real_size_rows(m: Measurement) -> list[list[str]]:
+    """Rows of the real-size table for one model and size: step time, ratio to CFG and to vjp, peak above CFG."""
+    vjp = _median_ratio(m, "REG vjp")
+    rows = []
+    for name in m.configs:
+        ratio = 1.0 if name == m.reference else statistics.median(m.ratios(name))
+        over_vjp = f"{ratio / vjp:.2f}" if vjp and name != m.reference else ""
+        over, _kind = memory_over_reference(m, name)
+        rows.append([name, f"{statistics.median(m.step_times(name)):.3f}", f"{ratio:.2f}", over_vjp, _gib(over)])
+    return rows
+
+
+def real_size_markdown(machine: str, models: list[str], measurements: list[Measurement], precision: list,
+                       exactness: list) -> str:  # fmt: skip
+    """The real-size report as markdown: what ran on what, then the tables (timings, precision, exactness)."""
+    out = [f"Measured on: {machine}", ""]
+    out += [f"- {desc}" for desc in models]
+    out.append("")
+    for m in measurements:
+        kind = memory_over_reference(m, m.configs[-1])[1]
+        what = "exact live tensor bytes (profiled run)" if kind == "tensors" else "median of the per-run peaks"
+        repeats = min(len(r) for r in m.runs.values())
+        out.append(
+            f"**{m.label}, latent {m.size}x{m.size} (image {8 * m.size}²), batch 1**: {m.steps} steps per run, "
+            f"s/step over steps 1..{m.steps - 1}, {repeats} repeat(s), each run against the CFG runs around it; "
+            f"memory: {what}, GiB above CFG's peak"
+        )
+        out.append("")
+        out.append(markdown_table(["configuration", "s/step", "x CFG", "x vjp", "peak vs CFG GiB"], real_size_rows(m)))
+    if precision:
+        rows = [precision_cells(p) for p in precision]
+        out.append("**M in 16-bit compute vs float32** (same weights and input; cosine, relative L2 error)")
+        out.append("")
+        headers = ["model", "latent", "compute", "vjp cos", "vjp rel. L2", "gradient-free cos", "gradient-free rel. L2"]
+        out.append(markdown_table(headers, rows))
+    if exactness:
+        rows = [exactness_cells(e)[:-1] for e in exactness]
+        out.append("**Exactness: one REG step vs the independent autograd reference** (relative L2 errors)")
+        out.append("")
+        headers = ["model", "latent", "estimator", "compute", "output", "REG's correction", "tolerance", "verdict"]
+        out.append(markdown_table(headers, rows))
+    return "\n".join(out) + "\n"
+
+
+def precision_cells(p) -> list[str]:
+    """model, latent, compute dtype, then (cosine, relative L2) of the vjp M and of the gradient-free M."""
+    return [p.label, f"{p.size}x{p.size}", p.dtype, f"{p.vjp[0]:.5f}", f"{p.vjp[1]:.2%}", f"{p.gradient_free[0]:.5f}",
+            f"{p.gradient_free[1]:.2%}"]  # fmt: skip
+
+
+def exactness_cells(e) -> list[str]:
+    """model, latent, estimator, compute dtype, output and correction errors, tolerance, verdict, seconds."""
+    return [e.label, f"{e.size}x{e.size}", e.estimator, e.compute, f"{e.output_rel:.1e}", f"{e.effect_rel:.1e}",
+            f"{e.tolerance:.0e}", "ok" if e.ok else "FAILED", f"{e.seconds:.1f}"]  # fmt: skip
+
+
+def precision_table(rows: list) -> str:
+    table = [precision_cells(p) for p in rows]
+    headers = ["model", "latent", "compute", "vjp cos", "vjp rel L2", "grad-free cos", "grad-free rel L2"]
+    return format_table(headers, table, title="M in 16-bit compute vs float32, same weights and input") + "\n"
+
+
+def exactness_table(rows: list) -> str:
+    table = [exactness_cells(e) for e in rows]
+    headers = ["model", "latent", "estimator", "compute", "output rel", "REG effect rel", "tolerance", "verdict", "s"]
+    return format_table(headers, table, title="exactness: one REG step vs the independent reference") + "\n"

@@ -289,3 +289,115 @@ def test_core_graph_size_counts_the_activations_of_one_conditional_pass() -> Non
     small, large = bench.cond_graph_bytes(8), bench.cond_graph_bytes(16)
     assert small >= len(bench.net.blocks) * 64 * 8 * 8 * 4
     assert 3.5 * small < large <= 4 * small
+
+
+# --- real sizes and the GPU check (bench/report.py, bench/benchlib.py, bench/gpu_carry.py) ---
+
+
+def test_map_agreement_is_one_and_zero_for_equal_maps_and_exact_for_a_known_pair() -> None:
+    from bench.benchlib import map_agreement
+
+    ref = torch.tensor([3.0, 4.0])  # |r| = 5
+    assert map_agreement(ref.clone(), ref) == (1.0, 0.0)
+    cosine, rel = map_agreement(torch.tensor([4.0, 3.0]), ref)  # <e, r> = 24, |e - r| = sqrt(2)
+    assert cosine == pytest.approx(24 / 25, abs=1e-12)
+    assert rel == pytest.approx(2**0.5 / 5, abs=1e-12)
+    cosine, rel = map_agreement(-ref, ref)
+    assert (cosine, rel) == (pytest.approx(-1.0), pytest.approx(2.0))
+    with pytest.raises(ValueError, match="zero"):
+        map_agreement(ref, torch.zeros(2))
+    with pytest.raises(ValueError, match="size"):
+        map_agreement(torch.ones(3), ref)
+
+
+def test_markdown_table_aligns_numbers_right_and_escapes_pipes() -> None:
+    table = report.markdown_table(["config", "x CFG"], [["a|b", "1.50"], ["REG vjp", "2.00"]])
+    assert table == "| config | x CFG |\n|---|---:|\n| a\\|b | 1.50 |\n| REG vjp | 2.00 |\n"
+    with pytest.raises(ValueError):
+        report.markdown_table(["a", "b"], [["only one"]])
+
+
+def _real_measurement(tensors: bool) -> Measurement:
+    """CFG 10 s, vjp 20 s, low-memory 26 s per step, CFG run peaks 1 GiB, vjp 4 GiB, low-memory 2.5 GiB."""
+    gib = 2**30
+    step = {"CFG": 10.0, "REG vjp": 20.0, "REG vjp-low-memory": 26.0}
+    peak = {"CFG": gib, "REG vjp": 4 * gib, "REG vjp-low-memory": int(2.5 * gib)}
+    sequence = ["CFG", "REG vjp", "CFG", "REG vjp-low-memory", "CFG"]
+    runs = {n: [] for n in step}
+    for n in sequence:
+        runs[n].append(RunStats(step_seconds=[99.0, step[n], step[n]], peak_extra=peak[n], step_rss=[0, 0, 0],
+                                rss_after=0))  # fmt: skip
+    profiles = {n: TensorProfile(peak=peak[n] // 2, run_growth=0, step_live=[0, 0]) for n in step} if tensors else {}
+    return Measurement("SDXL", 128, 3, list(step), runs, [0] * 5, True, sequence, tensors=profiles)
+
+
+def test_real_size_rows_give_ratios_to_cfg_and_to_vjp_and_memory_above_cfg() -> None:
+    rows = report.real_size_rows(_real_measurement(tensors=False))
+    assert rows == [
+        ["CFG", "10.000", "1.00", "", "+0.00"],
+        ["REG vjp", "20.000", "2.00", "1.00", "+3.00"],
+        ["REG vjp-low-memory", "26.000", "2.60", "1.30", "+1.50"],
+    ]
+    exact = report.real_size_rows(_real_measurement(tensors=True))  # the profiled (exact) tensor peaks win
+    assert [r[4] for r in exact] == ["+0.00", "+1.50", "+0.75"]
+    markdown = report.real_size_markdown("CPU test", ["SDXL (2.57B)"], [_real_measurement(False)], [], [])
+    assert "| REG vjp-low-memory | 26.000 | 2.60 | 1.30 | +1.50 |" in markdown
+    assert markdown.startswith("Measured on: CPU test\n\n- SDXL (2.57B)\n")
+
+
+def test_exactness_verdict_uses_the_tolerance_of_reg_s_correction() -> None:
+    from bench.real_size import Exactness
+
+    ok = Exactness("SDXL", 128, "vjp", "bfloat16", 1e-3, 0.099, 0.1, 1.0)
+    bad = Exactness("SDXL", 128, "vjp", "bfloat16", 1e-3, 0.5, 0.1, 1.0)
+    assert ok.ok and not bad.ok
+    assert report.exactness_cells(bad)[5:8] == ["5.0e-01", "1e-01", "FAILED"]
+
+
+@pytest.mark.parametrize(
+    ("name", "python", "fits"),
+    [
+        ("torchsde-0.2.6-py3-none-any.whl", (3, 12), True),
+        ("av-18.1.0-cp311-abi3-manylinux_2_28_x86_64.whl", (3, 12), True),  # abi3 from 3.11 on
+        ("av-18.1.0-cp311-abi3-manylinux_2_28_x86_64.whl", (3, 10), False),
+        ("numpy-2.4.6-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl", (3, 12), True),
+        ("numpy-2.4.6-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl", (3, 11), False),
+        ("numpy-2.4.6-cp312-cp312-manylinux_2_17_aarch64.whl", (3, 12), False),
+        ("numpy-2.4.6-cp312-cp312-win_amd64.whl", (3, 12), False),
+        ("comfy_aimdo-0.4.13-cp39-abi3-manylinux2010_x86_64.manylinux2014_x86_64.whl", (3, 13), True),
+        ("not-a-wheel.tar.gz", (3, 12), False),
+    ],
+)
+def test_wheel_fits_reads_python_abi_and_platform_tags(name: str, python: tuple[int, int], fits: bool) -> None:
+    from bench.gpu_carry import wheel_fits
+
+    assert wheel_fits(name, python) is fits
+
+
+def test_carry_takes_items_in_order_while_under_the_limit(tmp_path: Path) -> None:
+    from bench.gpu_carry import LIMIT, fits_limit, folder_bytes
+
+    assert LIMIT == 64 * MIB
+    taken, left = fits_limit([("a", 30 * MIB), ("b", 30 * MIB), ("c", 10 * MIB), ("d", 3 * MIB)], used=1 * MIB)
+    assert (taken, left) == (["a", "b", "d"], ["c"])  # 1 + 30 + 30 + 3 = 64 MiB exactly fits
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "x").write_bytes(b"1" * 1000)
+    (tmp_path / "sub" / "y").write_bytes(b"2" * 24)
+    assert folder_bytes(tmp_path) == 1024
+
+
+def test_unzipped_wheel_lands_importable_with_its_platlib(tmp_path: Path) -> None:
+    import zipfile
+
+    from bench.gpu_carry import unzip_wheel
+
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("demo_pkg/__init__.py", "VALUE = 41\n")
+        archive.writestr("demo-1.0.data/platlib/demo_ext.py", "VALUE = 1\n")
+        archive.writestr("demo-1.0.data/scripts/tool", "#!/bin/sh\n")
+    site = tmp_path / "site"
+    unzip_wheel(wheel, site)
+    assert (site / "demo_pkg" / "__init__.py").read_text() == "VALUE = 41\n"
+    assert (site / "demo_ext.py").is_file()
+    assert not (site / "tool").exists() and not (site / "demo-1.0.data").exists()
