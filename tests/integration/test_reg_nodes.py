@@ -499,8 +499,8 @@ def test_interrupt_mid_run_leaves_no_state_and_next_run_is_clean(tiny, reg_pack)
 
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         _sample(patched, positive, negative, steps=3, callback=interrupt)
-    patch = patched.get_wrappers("outer_sample", "reg_guidance")[0].__self__
-    assert patch.run is None
+    runtime = reg_pack.submodule("nodes.reg_runtime")
+    assert runtime.RUN_KEY not in patched.model_options.get("transformer_options", {})
     assert torch.equal(
         _sample(patched, positive, negative, steps=3), _sample(_patched(model), positive, negative, steps=3)
     )

@@ -1,0 +1,389 @@
+"""The differentiated conditional pass: everything REG switches on for it, and only for it.
+
+ComfyUI samples inside ``torch.inference_mode`` with weights that were loaded, patched or cast there, and today's
+models run custom kernels without a backward (``comfy_kitchen`` RoPE, fused norms) and update residual streams in
+place after the tensors were saved for backward. For the one pass whose Jacobian REG needs (``M = a(σ)·∇_x Σ D_c``,
+paper eq. 12), :class:`TracedPass` switches, and always restores, also on error and interrupt:
+
+- inference mode off and autograd on;
+- ComfyUI's own ``comfy.model_management.in_training`` flag, which makes the models take their plain-torch code paths
+  (the custom kernels have no autograd formula);
+- a saved-tensor guard (:class:`SavedTensorGuard`) that gives autograd private copies of what in-place updates or
+  reused cast buffers would otherwise overwrite;
+- a gradient audit (:class:`GradientAudit`) that notices layers that silently drop out of the graph (quantised
+  layers, detached outputs), so M is never computed from a partial Jacobian without a word;
+- optionally, per-block recomputation (:class:`BlockCheckpointing`) that bounds the saved activations.
+
+The untraced passes (unconditional branch, extra guidance passes, gradient-free probes) never see any of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import comfy.model_management
+import torch
+
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class NoGraphError(RuntimeError):
+    """The conditional pass cannot give an exact Jacobian (no graph, a partial graph, or an overwritten tensor)."""
+
+
+# Messages of the autograd failures a differentiated pass through a ComfyUI model can meet and REG can name; any
+# other error is a real bug and surfaces (see :func:`known_autograd_failure`).
+KNOWN_AUTOGRAD_FAILURES = (
+    "no autograd formula",
+    "modified by an inplace operation",
+    "inference tensors cannot be saved for backward",
+    "does not require grad and does not have a grad_fn",
+    "is not implemented for",
+    "derivative for",
+)
+
+
+def known_autograd_failure(err: BaseException) -> str | None:
+    """The first line of ``err`` when it is an autograd failure REG falls back from, else None."""
+    if isinstance(err, NoGraphError):
+        return str(err)
+    if isinstance(err, (RuntimeError, NotImplementedError)):
+        text = str(err)
+        if any(pattern in text.lower() for pattern in KNOWN_AUTOGRAD_FAILURES):
+            return text.splitlines()[0] if text else type(err).__name__
+    return None
+
+
+def differentiable_modules(model: torch.nn.Module, conds: list[Any]) -> list[torch.nn.Module]:
+    """The diffusion model plus the ControlNet/T2I-adapter models attached to the conditioning."""
+    modules = [model]
+    seen: set[int] = set()
+    for cond_list in conds:
+        for cond in cond_list or []:
+            control = cond.get("control") if isinstance(cond, dict) else None
+            while control is not None and id(control) not in seen:
+                seen.add(id(control))
+                modules.extend(patcher.model for patcher in control.get_models())
+                control = getattr(control, "previous_controlnet", None)
+    return modules
+
+
+def make_differentiable(modules: Iterable[torch.nn.Module], device: torch.device) -> int:
+    """Replace inference-mode parameters and buffers on the compute ``device`` by ordinary copies; return the count.
+
+    ComfyUI loads and patches weights inside ``torch.inference_mode``; such tensors cannot be saved for backward. The
+    rule for weights ComfyUI casts or streams (offloaded layers, pinned host memory, DynamicVRAM): a tensor that is
+    not on the compute device is copied to it by ComfyUI's cast at every forward, and inside the traced pass that copy
+    is an ordinary tensor, so it is left alone — pinned and streamed buffers are never swapped for clones. Tensor
+    subclasses (quantised weights) are never replaced either: a layer that saves one for backward fails with a named
+    autograd error, and REG falls back. Values are unchanged and ``requires_grad`` stays False. All copies are made
+    before any is installed, so a failure leaves the shared model exactly as it was.
+    """
+    replacements: list[tuple[dict[str, Any], str, Any]] = []
+    with torch.inference_mode(False), torch.no_grad():
+        for root in modules:
+            for module in root.modules():
+                for table, wrap in ((module._parameters, True), (module._buffers, False)):
+                    for name, tensor in table.items():
+                        if tensor is None or type(tensor) not in PLAIN_TENSORS:
+                            continue  # tensor subclasses (quantised weights) stay as they are
+                        if not tensor.is_inference() or tensor.device != device:
+                            continue
+                        copy = tensor.clone()
+                        value = torch.nn.Parameter(copy, requires_grad=False) if wrap else copy
+                        replacements.append((table, name, value))
+    for table, name, value in replacements:
+        table[name] = value
+    return len(replacements)
+
+
+class SavedTensorGuard:
+    """``saved_tensors_hooks`` that keep what autograd saved for backward exactly as it was when saved.
+
+    Rule: a saved tensor that depends on the input (it requires grad) or that ComfyUI may overwrite before the
+    backward (a weight cast into a shared per-stream buffer, any other non-parameter tensor) is saved as a private
+    copy, made once per tensor version and shared by every op that saves it. A model parameter is saved as is (it is
+    not written during a pass; copying it would duplicate the weights) and its version is checked when the backward
+    reads it: a parameter written in between raises :class:`NoGraphError` instead of giving a wrong gradient.
+    """
+
+    def __init__(self, parameters: Iterable[torch.Tensor]) -> None:
+        self._parameter_storages = {_storage(p) for p in parameters} - {None}
+        self._copies: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
+        self.copied_bytes = 0
+
+    def _pack(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        if not tensor.requires_grad and _storage(tensor) in self._parameter_storages:
+            return tensor, tensor._version
+        key = id(tensor)
+        cached = self._copies.get(key)
+        if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
+            copy = cached[2]()
+            if copy is not None:
+                return copy, None
+        copy = tensor.detach().clone()
+        self.copied_bytes += copy.numel() * copy.element_size()
+        self._copies[key] = (weakref.ref(tensor), tensor._version, weakref.ref(copy))
+        return copy, None
+
+    @staticmethod
+    def _unpack(packed: tuple[torch.Tensor, int | None]) -> torch.Tensor:
+        tensor, version = packed
+        if version is not None and tensor._version != version:
+            raise NoGraphError("a weight saved for the backward was overwritten before the backward ran")
+        return tensor
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        """The context in which the differentiated ops are recorded."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def release(self) -> None:
+        """Drop the copy cache (the graph keeps the copies it needs)."""
+        self._copies.clear()
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    """The address of a tensor's storage; None for tensors without one (meta tensors, wrapper subclasses)."""
+    if tensor.device.type == "meta" or type(tensor) not in PLAIN_TENSORS:
+        return None
+    return tensor.untyped_storage().data_ptr()
+
+
+class GradientAudit:
+    """A global module forward hook that records layers whose output lost the gradient their input carried.
+
+    With ``D = x − σ·F(x)`` the denoised output keeps a gradient through ``x`` even when the network ``F`` is cut from
+    the graph (quantised layers whose input is quantised without grad, a cache, a kernel without backward), so M would
+    silently come from a partial Jacobian (``M = a·𝟙`` when the whole network is cut). Works for every model: it does
+    not rely on a model calling ComfyUI's DIFFUSION_MODEL wrapper.
+    """
+
+    def __init__(self) -> None:
+        self.dropped: list[str] = []
+        self.paused = 0  # > 0 while a checkpointed block runs without graph on purpose
+
+    def _hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self.paused or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        if output.requires_grad or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return
+        if len(self.dropped) < 8:
+            self.dropped.append(type(module).__name__)
+        else:
+            self.dropped[-1] = "…"
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def check(self) -> None:
+        """Raise :class:`NoGraphError` naming the layers when any dropped the gradient."""
+        if self.dropped:
+            names = ", ".join(dict.fromkeys(self.dropped))
+            raise NoGraphError(f"layers of the network drop the gradient ({names}): the Jacobian would be partial")
+
+
+def checkpoint_units(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks whose activations :class:`BlockCheckpointing` recomputes: the network's block lists.
+
+    Every ``nn.ModuleList`` directly under the network (Flux ``double_blocks``/``single_blocks``, MMDiT
+    ``joint_blocks``, Wan ``blocks``, Qwen-Image ``transformer_blocks``, UNet ``input_blocks``/``output_blocks``);
+    sequential containers among them, and sequential subclasses directly under the network (UNet ``middle_block``),
+    contribute their layers, because ComfyUI's UNet iterates those layers instead of calling the container.
+    """
+    units: list[torch.nn.Module] = []
+
+    def add(module: torch.nn.Module) -> None:
+        if isinstance(module, torch.nn.Sequential):
+            units.extend(child for child in module if any(True for _ in child.parameters()))
+        elif any(True for _ in module.parameters()):
+            units.append(module)
+
+    for child in network.children():
+        if isinstance(child, torch.nn.ModuleList):
+            for element in child:
+                add(element)
+        elif isinstance(child, torch.nn.Sequential) and type(child) is not torch.nn.Sequential:
+            add(child)
+    return units
+
+
+class _Recompute(torch.autograd.Function):
+    """One block as a single autograd node: no activations saved in the forward, recomputed in the backward.
+
+    The block runs on private copies of its inputs (blocks of today's models update their inputs in place), the
+    inputs are kept by reference with their versions checked before recomputing, and the recomputation runs under
+    the pass's saved-tensor guard and with ComfyUI's ``in_training`` still on (the whole backward is inside
+    :class:`TracedPass`). Non-tensor outputs (e.g. a ``None`` context of a last MMDiT block) pass through.
+    """
+
+    @staticmethod
+    def forward(ctx, call: Callable[[list[torch.Tensor]], Any], traced: TracedPass, *tensors: torch.Tensor):
+        ctx.call, ctx.guard = call, traced.guard
+        ctx.inputs = [(t.detach(), t.requires_grad, t._version) for t in tensors]
+        traced.audit.paused += 1
+        try:
+            with torch.no_grad():
+                out = call([t.detach().clone() for t in tensors])
+        finally:
+            traced.audit.paused -= 1
+        outputs = out if isinstance(out, tuple) else (out,)
+        return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = []
+        for tensor, requires_grad, version in ctx.inputs:
+            if tensor._version != version:
+                raise NoGraphError("a block input was modified in place after the block ran")
+            inputs.append(tensor.detach().requires_grad_(requires_grad))
+        with torch.enable_grad(), ctx.guard.hooks():
+            out = ctx.call([t.clone() if t.requires_grad else t for t in inputs])
+        outputs = out if isinstance(out, tuple) else (out,)
+        pairs = [
+            (o, g)
+            for o, g in zip(outputs, grads, strict=True)
+            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+        ]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.inputs = None
+        return (None, None, *(t.grad if t.requires_grad else None for t in inputs))
+
+
+class BlockCheckpointing:
+    """Per-block recomputation for the memory-bounded exact estimator (``vjp-low-memory``).
+
+    While active, each unit of :func:`checkpoint_units` runs as one :class:`_Recompute` node, so the graph holds the
+    block inputs instead of every activation inside the blocks: one more conditional forward of compute (each block
+    runs again during the backward) for a graph bounded by the block inputs plus one block. Calls whose gradient would
+    be lost by that (a tensor requiring grad nested inside a container argument) run the block normally.
+    """
+
+    def __init__(self, network: torch.nn.Module, traced: TracedPass) -> None:
+        self.units = checkpoint_units(network)
+        self.traced = traced
+
+    def _checkpointed(self, forward: Callable, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        tensors = [args[i] for i in positions] + [kwargs[k] for k in names]
+        if not any(t.requires_grad for t in tensors) or _nested_grad(args, kwargs, positions, names):
+            return forward(*args, **kwargs)
+        frozen_kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        returned_tuple: list[bool] = []
+
+        def call(values: list[torch.Tensor]) -> Any:
+            new_args = list(args)
+            for i, v in zip(positions, values[: len(positions)], strict=True):
+                new_args[i] = v
+            new_kwargs = dict(frozen_kwargs)
+            for k, v in zip(names, values[len(positions) :], strict=True):
+                new_kwargs[k] = v
+            out = forward(*new_args, **new_kwargs)
+            returned_tuple.append(isinstance(out, tuple))
+            return out
+
+        out = _Recompute.apply(call, self.traced, *tensors)
+        return out if returned_tuple[0] else out[0]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        previous: list[tuple[torch.nn.Module, Any]] = []
+        try:
+            for unit in self.units:
+                previous.append((unit, unit.__dict__.get("forward")))
+                unit.forward = functools.partial(self._checkpointed, unit.forward)
+            yield
+        finally:
+            for unit, forward in previous:
+                if forward is None:
+                    unit.__dict__.pop("forward", None)
+                else:
+                    unit.forward = forward
+
+
+def _nested_grad(args: tuple, kwargs: dict, positions: list[int], names: list[str]) -> bool:
+    """Whether a tensor that requires grad hides inside a container argument (checkpointing would lose it)."""
+    skip_args, skip_kwargs = set(positions), set(names)
+    stack = [a for i, a in enumerate(args) if i not in skip_args]
+    stack += [v for k, v in kwargs.items() if k not in skip_kwargs]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad:
+                return True
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict) and len(item) < 64:
+            stack.extend(v for v in item.values() if isinstance(v, (torch.Tensor, list, tuple)))
+    return False
+
+
+class TracedPass:
+    """The context of one differentiated conditional pass and its backward (see the module docstring).
+
+    ``network`` is the diffusion model (``BaseModel.diffusion_model``), ``parameters`` every weight the pass may save
+    (the model's and attached ControlNets'); ``checkpoint`` turns on :class:`BlockCheckpointing`. Use
+    ``with TracedPass(...) as tp:`` around both the forward and the backward, and call :meth:`check` after the
+    forward.
+    """
+
+    def __init__(self, network: torch.nn.Module, parameters: Iterable[torch.Tensor], *, checkpoint: bool) -> None:
+        self.guard = SavedTensorGuard(parameters)
+        self.audit = GradientAudit()
+        self.checkpointing = BlockCheckpointing(network, self) if checkpoint else None
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> TracedPass:
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(_in_training())
+            stack.enter_context(self.guard.hooks())
+            stack.enter_context(self.audit.watching())
+            if self.checkpointing is not None:
+                stack.enter_context(self.checkpointing.active())
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        self.guard.release()
+        if stack is not None:
+            stack.close()
+
+    def check(self) -> None:
+        """Raise :class:`NoGraphError` when the forward lost the gradient anywhere (see :class:`GradientAudit`)."""
+        self.audit.check()
+
+
+@contextlib.contextmanager
+def _in_training() -> Iterator[None]:
+    """ComfyUI's ``in_training`` switch (plain-torch code paths in its models), restored in ``finally``.
+
+    ComfyUI versions without the flag (0.3.64) have no custom kernels to avoid, so there is nothing to switch.
+    """
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous

@@ -1,0 +1,186 @@
+"""The differentiated pass's switches (nodes/traced_pass.py) on small torch modules, inside the real ComfyUI.
+
+Each test compares with an independent reference (plain autograd on an out-of-place twin of the network) or asserts
+the exact error or count the rule promises.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+class InPlaceBlock(torch.nn.Module):
+    """A residual block that updates its input in place after a layer saved it, as Flux's blocks do."""
+
+    def __init__(self, width: int, in_place: bool = True) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.lin = torch.nn.Linear(width, width)
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        update = self.lin(torch.tanh(self.norm(x))) * scale
+        if self.in_place:
+            x += update
+            return x
+        return x + update
+
+
+class Network(torch.nn.Module):
+    def __init__(self, width: int = 6, depth: int = 3, in_place: bool = True) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(InPlaceBlock(width, in_place) for _ in range(depth))
+        self.head = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        scale = torch.full((1,), 0.7, dtype=x.dtype)
+        for block in self.blocks:
+            h = block(h, scale)
+        return h * x
+
+
+def _twins(depth: int = 3) -> tuple[Network, Network]:
+    torch.manual_seed(0)
+    in_place = Network(depth=depth).double()
+    reference = Network(depth=depth, in_place=False).double()
+    reference.load_state_dict(in_place.state_dict())
+    for net in (in_place, reference):
+        net.requires_grad_(False)
+    return in_place, reference
+
+
+def _column_sums(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    leaf = x.detach().clone().requires_grad_(True)
+    out = net(leaf)
+    (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+    return grad
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpointed"])
+def test_in_place_updates_give_the_reference_gradient(reg_pack, checkpoint):
+    tp = reg_pack.submodule("nodes.traced_pass")
+    net, reference = _twins()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _column_sums(net, x)  # what a plain traced pass meets
+    with tp.TracedPass(net, net.parameters(), checkpoint=checkpoint) as traced:
+        grad = _column_sums(net, x)
+        traced.check()
+    torch.testing.assert_close(grad, _column_sums(reference, x), rtol=1e-12, atol=1e-12)
+
+
+def test_checkpointing_saves_only_block_inputs(reg_pack):
+    """Per-block recomputation: the forward keeps no activation inside the blocks (the guard copies none of them),
+    while the plain traced pass saves several per block."""
+    tp = reg_pack.submodule("nodes.traced_pass")
+    net, _ = _twins(depth=4)
+    x = torch.randn(1, 5, 6, dtype=torch.float64)
+    sizes = {}
+    for checkpoint in (False, True):
+        with tp.TracedPass(net, net.parameters(), checkpoint=checkpoint) as traced:
+            leaf = x.clone().requires_grad_(True)
+            out = net(leaf)
+            sizes[checkpoint] = traced.guard.copied_bytes
+            del out, leaf
+    activation = x.numel() * x.element_size()
+    assert sizes[False] >= 4 * 2 * activation  # each block saves at least its norm's input and its tanh's output
+    assert sizes[True] < 3 * activation  # only what lies outside the blocks: the final product's two factors
+
+
+def test_checkpoint_units_follow_the_block_lists(reg_pack):
+    tp = reg_pack.submodule("nodes.traced_pass")
+    net = Network(depth=3)
+    assert tp.checkpoint_units(net) == list(net.blocks)
+
+
+def test_a_parameter_overwritten_before_the_backward_is_an_error(reg_pack):
+    tp = reg_pack.submodule("nodes.traced_pass")
+    lin = torch.nn.Linear(3, 3).double().requires_grad_(False)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    with tp.TracedPass(lin, lin.parameters(), checkpoint=False):
+        out = torch.tanh(lin(x)).sum()
+        with torch.no_grad():
+            lin.weight.mul_(2)  # e.g. a reused cast buffer
+        with pytest.raises(tp.NoGraphError, match="overwritten"):
+            torch.autograd.grad(out, x)
+
+
+def test_a_tensor_saved_by_several_ops_is_copied_once(reg_pack):
+    tp = reg_pack.submodule("nodes.traced_pass")
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, 8, dtype=torch.float64)
+    guard = tp.SavedTensorGuard([weight])
+    with guard.hooks():
+        h = torch.sin(x)  # saves x
+        outs = [torch.sin(h), torch.cos(h), torch.sin(h) @ weight]  # save h three times, and the weight
+    assert guard.copied_bytes == 2 * h.numel() * h.element_size()  # x, and h once; the weight is never copied
+    (grad,) = torch.autograd.grad(sum(o.sum() for o in outs), x)
+    torch.testing.assert_close(grad, torch.autograd.functional.vjp(lambda t: _three(t, weight), x)[1])
+
+
+def _three(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    h = torch.sin(x)
+    return torch.sin(h).sum() + torch.cos(h).sum() + (torch.sin(h) @ weight).sum()
+
+
+def test_the_audit_names_layers_that_drop_the_gradient(reg_pack):
+    tp = reg_pack.submodule("nodes.traced_pass")
+
+    class Detaching(torch.nn.Module):
+        def forward(self, x):
+            return x.detach() * 2
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), Detaching()).requires_grad_(False)
+    x = torch.randn(2, 3, requires_grad=True)
+    with tp.TracedPass(net, net.parameters(), checkpoint=False) as traced:
+        net(x)
+        with pytest.raises(tp.NoGraphError, match="Detaching"):
+            traced.check()
+
+
+def test_everything_switched_is_restored_on_error(reg_pack):
+    import comfy.model_management
+
+    tp = reg_pack.submodule("nodes.traced_pass")
+    net, _ = _twins()
+    had_flag = hasattr(comfy.model_management, "in_training")
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        with tp.TracedPass(net, net.parameters(), checkpoint=True):
+            if had_flag:
+                assert comfy.model_management.in_training is True
+            assert all("forward" in block.__dict__ for block in net.blocks)
+            raise comfy.model_management.InterruptProcessingException()
+    if had_flag:
+        assert comfy.model_management.in_training is False
+    assert not any("forward" in block.__dict__ for block in net.blocks)
+    assert torch.is_inference_mode_enabled() is False
+    # no saved-tensor hook is left behind: a plain in-place failure is torch's own error again
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _column_sums(net, torch.randn(1, 2, 6, dtype=torch.float64))
+
+
+def test_make_differentiable_replaces_only_plain_tensors_on_the_compute_device(reg_pack):
+    tp = reg_pack.submodule("nodes.traced_pass")
+    with torch.inference_mode():
+        lin = torch.nn.Linear(3, 3)
+        lin.register_buffer("table", torch.ones(2))
+        other = torch.nn.Linear(3, 3, device="meta")  # stands for weights ComfyUI keeps on another device
+    assert lin.weight.is_inference()
+    assert tp.make_differentiable([lin, other], torch.device("cpu")) == 3
+    assert not lin.weight.is_inference() and not lin.table.is_inference()
+    assert not lin.weight.requires_grad and isinstance(lin.weight, torch.nn.Parameter)
+    assert other.weight.device.type == "meta"
+    assert tp.make_differentiable([lin], torch.device("cpu")) == 0
+
+
+def test_known_failures_are_named_and_others_are_not(reg_pack):
+    tp = reg_pack.submodule("nodes.traced_pass")
+    kernel = RuntimeError(
+        "Trying to backward through comfy_kitchen.apply_rope.default but no autograd formula was registered"
+    )
+    assert tp.known_autograd_failure(kernel).startswith("Trying to backward")
+    assert tp.known_autograd_failure(tp.NoGraphError("no graph")) == "no graph"
+    assert tp.known_autograd_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")) is None
+    assert tp.known_autograd_failure(ValueError("modified by an inplace operation")) is None
