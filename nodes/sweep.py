@@ -56,6 +56,7 @@ def patched_model(base, method: str, settings: REGSettings, apg: dict, pag_scale
     m = base.clone()
     if method == "apg_reg":
         m.set_model_sampler_pre_cfg_function(apg_pre_cfg(APG(**apg)))  # fresh momentum state for every run
+        m.model_options["disable_cfg1_optimization"] = True  # APG at scale 1 still needs the negative pass
     elif method == "pag_reg":
         m.set_model_sampler_post_cfg_function(pag_post_cfg(pag_scale))
     if method != "cfg":
@@ -65,7 +66,13 @@ def patched_model(base, method: str, settings: REGSettings, apg: dict, pag_scale
 
 def run_settings(run: sweep.SweepRun, reg: dict, apg: dict, pag_scale: float) -> dict:
     """The settings of one run, and the plain-node workflow that reproduces it."""
-    out: dict = {"method": run.method, "label": run.label, "cfg": run.cfg}
+    out: dict = {
+        "method": run.method,
+        "label": run.label,
+        "cfg": run.cfg,
+        "guidance_weight": run.weight,
+        "sampler_cfg": run.sampler_cfg,
+    }
     chain = []
     if run.method == "apg_reg":
         out["apg"] = apg
@@ -76,7 +83,7 @@ def run_settings(run: sweep.SweepRun, reg: dict, apg: dict, pag_scale: float) ->
     if run.method != "cfg":
         out["reg"] = reg
         chain.append("REGGuidance(" + ", ".join(f"{k}={v}" for k, v in reg.items()) + ")")
-    chain.append(f"KSampler(cfg={sweep.format_cfg(run.cfg)})")
+    chain.append(f"KSampler(cfg={sweep.format_cfg(run.sampler_cfg)})")
     out["equivalent"] = " → ".join(chain)
     return out
 
@@ -136,7 +143,9 @@ class REGGuidanceSweep(io.ComfyNode):
                     default="2, 4, 6, 8",
                     tooltip=(
                         "The cfg scales to compare (the grid's columns), separated by commas, e.g. '2, 4, 6, 8'. "
-                        "Sorted, duplicates dropped; each in [0, 100]. Methods × values is capped at "
+                        "KSampler's cfg: guidance weight w = cfg − 1 on the positive prediction, for every method "
+                        "(APG + REG runs at APG scale w). Sorted, duplicates dropped; each in [0, 100]. Methods × "
+                        "values is capped at "
                         f"{sweep.MAX_RUNS} runs."
                     ),
                 ),
@@ -146,8 +155,9 @@ class REGGuidanceSweep(io.ComfyNode):
                     "include_apg_reg",
                     default=False,
                     tooltip=(
-                        "APG rectified by REG. cfg is APG's cond-anchored scale as in ComfyUI's APG node, so eta 1, "
-                        "norm_threshold 0, momentum 0 at cfg s equals CFG at s + 1."
+                        "APG rectified by REG, on the same axis as CFG: at cfg s it runs APG's cond-anchored scale "
+                        "s − 1 (ComfyUI's APG node at cfg s − 1), the same guidance weight, so eta 1, norm_threshold "
+                        "0, momentum 0 equals CFG at s."
                     ),
                 ),
                 io.Boolean.Input(
@@ -275,7 +285,7 @@ class REGGuidanceSweep(io.ComfyNode):
                 patched_model(base, run.method, settings, apg, pag_scale),
                 noise.clone(),
                 steps,
-                run.cfg,
+                run.sampler_cfg,
                 sampler_name,
                 scheduler,
                 positive,
@@ -323,6 +333,7 @@ class REGGuidanceSweep(io.ComfyNode):
         )
         report = {
             "metric": clip_score.METRIC_NAME,
+            "x_axis": sweep.X_AXIS,
             "model": clip_score_model.model_id,
             "score_prompt": prompts,
             "truncation": truncation,

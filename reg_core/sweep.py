@@ -25,6 +25,12 @@ METHODS: dict[str, str] = {
     "apg_reg": "APG + REG",
     "pag_reg": "PAG + REG",
 }
+#: Methods whose sampler scale is APG's cond-anchored weight ``s`` (``D_c + s·G_apg``) instead of CFG's uncond-anchored
+#: ``D_u + s·(D_c − D_u)``. They run at ``cfg − 1``, so every curve at one x has the same guidance weight
+#: ``w = cfg − 1`` on ``D_c`` (and neutral APG, eta 1, no clipping or momentum, equals CFG at that x).
+COND_ANCHORED = frozenset({"apg_reg"})
+#: What the plot's and the report's x value means, for every curve.
+X_AXIS = "cfg: guidance weight w = cfg - 1 on the positive prediction for every curve (APG + REG runs at APG scale w)"
 #: Upper bound on methods × cfg values: every run is a full sampling run plus a decode and a CLIP pass.
 MAX_RUNS = 64
 #: KSampler's cfg range.
@@ -106,6 +112,16 @@ class SweepRun:
         """Display name of the method."""
         return METHODS[self.method]
 
+    @property
+    def weight(self) -> float:
+        """The cond-anchored guidance weight ``w = cfg − 1`` of this run (reg_core.guidance conventions)."""
+        return self.cfg - 1.0
+
+    @property
+    def sampler_cfg(self) -> float:
+        """The cfg the sampler gets: ``cfg`` for CFG-based methods, APG's own scale ``w`` for :data:`COND_ANCHORED`."""
+        return self.weight if self.method in COND_ANCHORED else self.cfg
+
 
 def plan_runs(methods: Sequence[str], cfg_values: Sequence[float], *, max_runs: int = MAX_RUNS) -> list[SweepRun]:
     """Every (method, cfg) pair, method by method in :data:`METHODS` order, cfg ascending within a method.
@@ -161,10 +177,10 @@ def score_plot(
     subtitle: str = "",
     size: tuple[int, int] = (720, 440),
 ) -> Image.Image:
-    """The trade-off plot: ``metric`` against cfg, one curve per method."""
+    """The trade-off plot: ``metric`` against cfg, one curve per method, all at the same weights (:data:`X_AXIS`)."""
     title = drawable(f"{metric} vs cfg" + (f" · {subtitle}" if subtitle else ""))
     series = [(drawable(label), xs, ys) for label, xs, ys in score_series(runs, scores)]
-    return render.line_plot(series, title=title, xlabel="cfg", ylabel=drawable(metric), size=size)
+    return render.line_plot(series, title=title, xlabel=drawable(X_AXIS), ylabel=drawable(metric), size=size)
 
 
 # ----------------------------------------------------------------------------------------------------------- the grid

@@ -214,3 +214,16 @@ def test_drawable_replaces_only_missing_glyphs():
     assert sweep.drawable("CLIP score (torchmetrics, ×100) · seed 1") == "CLIP score (torchmetrics, x100) · seed 1"
     assert sweep.drawable("−3 → 2 ≤ \u2603") == "-3 -> 2 <= ?"
     assert sweep.drawable("plain ascii, 12.5") == "plain ascii, 12.5"
+
+
+def test_every_curve_is_at_the_same_guidance_weight():
+    """x = cfg means w = cfg − 1 for every method: APG (cond-anchored scale) runs at w, the others at cfg."""
+    runs = sweep.plan_runs(["cfg", "reg", "apg_reg", "pag_reg"], [1.0, 4.5])
+    assert {r.method: r.sampler_cfg for r in runs if r.cfg == 4.5} == {
+        "cfg": 4.5,
+        "reg": 4.5,
+        "apg_reg": 3.5,
+        "pag_reg": 4.5,
+    }
+    assert all(r.weight == r.cfg - 1 for r in runs)
+    assert [r.sampler_cfg for r in runs if r.method == "apg_reg"] == [0.0, 3.5]  # APG scale 0 = no guidance

@@ -170,7 +170,10 @@ def test_grid_holds_exactly_the_ksampler_images(cfg_reg):
 
 
 def test_apg_and_pag_methods_match_core_nodes_with_reg(harness, tiny, clip_models):
-    """apg_reg/pag_reg equal ComfyUI's APG / PerturbedAttentionGuidance nodes followed by REGGuidance and KSampler."""
+    """apg_reg/pag_reg equal ComfyUI's APG / PerturbedAttentionGuidance nodes followed by REGGuidance and KSampler.
+
+    At sweep cfg 3 every curve has guidance weight w = 2: KSampler's cfg 3 for PAG, APG's cond-anchored scale 2.
+    """
     g = harness.graph()
     inp = sd15_inputs(g, tiny, batch_size=2)
     loader = g.node("REGCLIPScoreLoader", model_name=tiny_clip.FULL, dtype="fp32")
@@ -178,7 +181,7 @@ def test_apg_and_pag_methods_match_core_nodes_with_reg(harness, tiny, clip_model
         g, inp, loader, cfg_values="3", include_cfg=False, include_reg=False, include_apg_reg=True, include_pag_reg=True
     )
     refs = {
-        "apg_reg": add_reference(g, inp, loader, 3.0, [("APG", APG), ("REGGuidance", REG)]),
+        "apg_reg": add_reference(g, inp, loader, 2.0, [("APG", APG), ("REGGuidance", REG)]),
         "pag_reg": add_reference(
             g, inp, loader, 3.0, [("PerturbedAttentionGuidance", {"scale": 2.0}), ("REGGuidance", REG)]
         ),
@@ -189,6 +192,9 @@ def test_apg_and_pag_methods_match_core_nodes_with_reg(harness, tiny, clip_model
     report = json.loads(result.value(node, 2))
     assert [r["method"] for r in report["runs"]] == ["apg_reg", "pag_reg"]
     assert report["runs"][0]["apg"] == APG and report["runs"][1]["pag_scale"] == 2.0
+    assert [(r["cfg"], r["guidance_weight"], r["sampler_cfg"]) for r in report["runs"]] == [(3, 2, 2), (3, 2, 3)]
+    assert report["runs"][0]["equivalent"].endswith("KSampler(cfg=2)")
+    assert report["x_axis"] == sweep.X_AXIS and "w = cfg - 1" in sweep.X_AXIS
     for run in report["runs"]:
         _, score = refs[run["method"]]
         want = json.loads(result.value(score, 1))["scores"]
