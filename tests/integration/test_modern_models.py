@@ -13,15 +13,17 @@ private copy, so the in-place residual updates of Flux's blocks (``img += …``)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
+import re
 import time
 from dataclasses import dataclass
 
 import pytest
 import torch
 from test_reg_nodes import _patched, reference_step
-from tiny_models import MODERN_FAMILIES, family_config, load_modern, modern_conditioning
+from tiny_models import MODERN_FAMILIES, comfyui_version, family_config, load_modern, modern_conditioning
 
 FAMILIES = list(MODERN_FAMILIES)
 CFG = 4.0
@@ -34,7 +36,7 @@ EXACT = 1e-4
 FORWARD_DIFFERENCE = 2e-3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: one cached reference per loaded model
 class Tiny:
     family: str
     model: object  # ModelPatcher
@@ -77,14 +79,9 @@ def differentiable_reference():
             del comfy.model_management.in_training
 
 
-def reference(tiny: Tiny, *, chain: bool = False, fd: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``reference_step`` on the tiny model (``chain`` or ``fd`` for the other estimators), computed once."""
-    return _reference(tiny.family, chain, fd)
-
-
 @functools.cache
-def _reference(family: str, chain: bool, fd: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    tiny = tiny_modern(family)
+def reference(tiny: Tiny, *, chain: bool = False, fd: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``reference_step`` on the tiny model (``chain`` or ``fd`` for the other estimators), computed once per model."""
     with differentiable_reference():
         return reference_step(
             tiny.model, tiny.positive, tiny.negative, tiny.latent, tiny.setup, CFG, seed=SEED, chain=chain, fd=fd
@@ -167,3 +164,62 @@ def test_gradient_free_one_step_equals_forward_difference(modern, caplog):
     assert max_error(got, want) <= FORWARD_DIFFERENCE
     assert max_error(vjp, want) > 1e-3  # a random network's Jacobian is not symmetric: FD ≠ VJP
     assert float((m - 1).abs().mean()) > 1e-2 and float(m.abs().mean()) > 1e-2
+
+
+# --- quantized weights (0.33: QuantizedTensor layers from scaled-fp8 and comfy_quant checkpoints) ---
+#
+# What ComfyUI 0.33 does with these layers on a CPU (comfy.ops.mixed_precision_ops): fp8 compute is unsupported, so
+# the fp8 formats are "emulated": each forward dequantizes the weight to float32 and the layer input keeps its
+# gradient; REG is exact on the dequantized network. int8_tensorwise runs ComfyUI's int8 path on the CPU as well: the
+# forward quantizes activations, so the network itself deviates from its dequantized weights (~2.4% of max|D| for a
+# CFG step here), while the gradient flows through the dequantized weight. REG then matches the dequantized reference
+# to the quantization error of the forward, both in D and in REG's correction D_REG − D_CFG (~4% here, where a layer
+# missing from the Jacobian changes the correction by O(1)).
+
+QUANT_FORMATS = ["scaled_fp8", "float8_e4m3fn", "int8_tensorwise"]
+QUANT_TOLERANCE = {  # (of D, of the correction D_REG − D_CFG), relative to the dequantized reference's max
+    "scaled_fp8": (EXACT, EXACT),
+    "float8_e4m3fn": (EXACT, EXACT),
+    "int8_tensorwise": (5e-2, 1e-1),
+}
+EXPECTED_ON_CPU = {"scaled_fp8": "exact", "float8_e4m3fn": "exact", "int8_tensorwise": "exact"}
+FALLBACK = re.compile(r"REG: exact gradients are unavailable \((.+)\); using the gradient-free estimator")
+
+
+@functools.cache
+def tiny_quantized(fmt: str) -> tuple[Tiny, Tiny]:
+    """The tiny Flux with quantized block linears, and the same Flux with those weights dequantized to float32."""
+    from tiny_models import load_quantized
+
+    flux = tiny_modern("flux")
+    quantized, dequantized = load_quantized("flux", fmt)
+    return dataclasses.replace(flux, model=quantized), dataclasses.replace(flux, model=dequantized)
+
+
+@pytest.fixture(params=QUANT_FORMATS)
+def quantized(request, reg_pack) -> tuple[str, Tiny, Tiny]:
+    try:
+        import comfy.quant_ops  # noqa: F401
+    except ImportError:
+        pytest.skip(f"ComfyUI {comfyui_version()} has no QuantizedTensor weights (comfy.quant_ops is newer)")
+    return (request.param, *tiny_quantized(request.param))
+
+
+def test_quantized_weights_are_exact_or_fall_back_with_one_named_warning(quantized, caplog):
+    import comfy.model_management
+
+    fmt, tiny, dequantized = quantized
+    got, warnings = reg_sample(tiny, "vjp", caplog)
+    if warnings:
+        assert len(warnings) == 1 and FALLBACK.match(warnings[0]), warnings
+        gradient_free, _ = reg_sample(tiny, "gradient-free", caplog)
+        assert torch.equal(got, gradient_free)
+        outcome = "fallback"
+    else:
+        want, _ = reference(dequantized)
+        of_d, of_correction = QUANT_TOLERANCE[fmt]
+        assert max_error(got, want) <= of_d
+        assert max_error(got - sample(tiny), want - sample(dequantized)) <= of_correction
+        outcome = "exact"
+    if comfy.model_management.get_torch_device().type == "cpu":
+        assert outcome == EXPECTED_ON_CPU[fmt], warnings

@@ -519,3 +519,71 @@ def modern_conditioning(family: str, seed: int) -> list:
     gen = torch.Generator().manual_seed(seed)
     extra = {} if spec.pooled is None else {"pooled_output": torch.randn(1, spec.pooled, generator=gen)}
     return [[torch.randn(1, *spec.context, generator=gen), extra]]
+
+
+# --- quantized checkpoints (ComfyUI 0.33: QuantizedTensor weights through comfy.ops.mixed_precision_ops) ---
+#
+# The tiny Flux's block linears quantized by comfy_kitchen's own quantizer (``QuantizedTensor.from_float``), stored as
+# the loader expects them:
+# * ``scaled_fp8``: the older format, a ``scaled_fp8`` marker key and per-layer fp8 ``.weight`` + ``.scale_weight``
+#   (``comfy.utils.convert_old_quants`` turns it into float8_e4m3fn ``comfy_quant`` layers);
+# * ``float8_e4m3fn`` / ``int8_tensorwise``: per-layer ``.weight`` + ``.weight_scale`` + ``.comfy_quant`` (JSON
+#   ``{"format": …}`` as uint8), detected by ``comfy.utils.detect_layer_quantization``.
+
+QUANT_LAYOUTS = {
+    "scaled_fp8": "TensorCoreFP8E4M3Layout",
+    "float8_e4m3fn": "TensorCoreFP8E4M3Layout",
+    "int8_tensorwise": "TensorWiseINT8Layout",
+}
+
+
+def quantized_state_dict(
+    state: dict[str, torch.Tensor], fmt: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """``(checkpoint, dequantized, layers)``: ``state`` with its block linears quantized as ``fmt``, the same state
+    with those weights replaced by their dequantized float32 values, and the quantized layer names."""
+    from comfy.quant_ops import QuantizedTensor, get_layout_class
+
+    layout = QUANT_LAYOUTS[fmt]
+    layers = sorted(k[: -len(".weight")] for k, v in state.items() if k.endswith(".weight") and v.ndim == 2)
+    layers = [name for name in layers if "blocks." in name]
+    checkpoint, dequantized = dict(state), dict(state)
+    for name in layers:
+        quantized = QuantizedTensor.from_float(state[name + ".weight"].float(), layout)
+        qdata, scale = get_layout_class(layout).get_plain_tensors(quantized)[:2]
+        dequantized[name + ".weight"] = quantized.dequantize().float()
+        checkpoint[name + ".weight"] = qdata
+        if fmt == "scaled_fp8":
+            checkpoint[name + ".scale_weight"] = scale.float().reshape(())
+        else:
+            checkpoint[name + ".weight_scale"] = scale.float().reshape(())
+            conf = json.dumps({"format": fmt}).encode()
+            checkpoint[name + ".comfy_quant"] = torch.tensor(list(conf), dtype=torch.uint8)
+    if fmt == "scaled_fp8":
+        checkpoint["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return checkpoint, dequantized, layers
+
+
+def load_quantized(family: str, fmt: str) -> tuple[object, object]:
+    """``(quantized, dequantized)`` ModelPatchers of the tiny ``family``: its block linears quantized as ``fmt``, and
+    the same network with those weights replaced by their dequantized float32 values.
+
+    The quantized one is loaded inside ``torch.inference_mode``, as ComfyUI's executor loads it (UNETLoader): on 0.33 a
+    quantized model loaded outside inference mode cannot be sampled inside it (``comfy.ops._quantized_apply`` wraps
+    the moved QuantizedTensor in a Parameter: "Cannot set version_counter for inference tensor"). Fails if a quantized
+    layer loaded as a plain tensor.
+    """
+    import comfy.sd
+    from comfy.quant_ops import QuantizedTensor
+
+    checkpoint, dequantized, layers = quantized_state_dict(modern_state_dict(family), fmt)
+    with torch.inference_mode():
+        if MODERN_FAMILIES[family].loader_detects():
+            patcher = comfy.sd.load_diffusion_model_state_dict(dict(checkpoint))
+        else:
+            patcher = load_with_config(dict(checkpoint), family_config(family))
+    modules = dict(patcher.model.diffusion_model.named_modules())
+    plain = [name for name in layers if not isinstance(modules[name].weight, QuantizedTensor)]
+    if plain:
+        raise RuntimeError(f"tiny {family} {fmt}: layers loaded without QuantizedTensor weights: {plain}")
+    return patcher, load_modern(family, dequantized)[0]
