@@ -253,10 +253,14 @@ class _Recompute(torch.autograd.Function):
             for o, g in zip(outputs, grads, strict=True)
             if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
         ]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        wanted = [t for t in inputs if t.requires_grad]
+        found = iter(
+            torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+            if pairs and wanted
+            else [None] * len(wanted)
+        )
         ctx.inputs = None
-        return (None, None, *(t.grad if t.requires_grad else None for t in inputs))
+        return (None, None, *(next(found) if t.requires_grad else None for t in inputs))
 
 
 class BlockCheckpointing:
