@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import torch
@@ -11,8 +12,10 @@ from comfy_api.latest import io
 from PIL import Image
 
 from ..reg_core import diagnostics
-from .common import REGConfigError
+from .common import LOGGER_NAME, REGConfigError
 from .reg_runtime import WRAPPER_KEY, REGPatch
+
+log = logging.getLogger(LOGGER_NAME)
 
 CATEGORY = "sampling/guidance/REG"
 
@@ -76,7 +79,8 @@ class REGDiagnostics(io.ComfyNode):
             inputs=[
                 io.Latent.Input(
                     "latent",
-                    tooltip="The sampler's output: connecting it makes this node run after sampling.",
+                    tooltip="The sampler's output: connecting it makes this node run after sampling. Image "
+                    "[B, C, H, W] or video [B, C, T, H, W] latents; nested ones (LTX-2 audio + video) are refused.",
                 ),
                 io.Model.Input(
                     "model", optional=True, tooltip="The MODEL output of REGGuidance that the sampler used."
@@ -94,19 +98,31 @@ class REGDiagnostics(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output(
-                    "statistics", display_name="statistics", tooltip="M statistics against the evaluation index."
+                    "statistics",
+                    display_name="statistics",
+                    tooltip="M statistics against the evaluation index (video: over every element of every frame). "
+                    "If REG did not act in the run, a picture saying so and why.",
                 ),
                 io.Image.Output(
-                    "maps", display_name="maps", tooltip="M heatmaps at the chosen evaluations, with a colour bar."
+                    "maps",
+                    display_name="maps",
+                    tooltip="M heatmaps at the chosen evaluations, with a colour bar; video latents show M averaged "
+                    "over frames. If REG did not act, the same picture as statistics.",
                 ),
                 io.String.Output(
-                    "json", display_name="json", tooltip="All recorded numbers, per evaluation and per image."
+                    "json",
+                    display_name="json",
+                    tooltip="All recorded numbers, per evaluation and per image; 'note' says why when REG did not act.",
                 ),
             ],
         )
 
     @classmethod
     def execute(cls, latent, steps, sample, model=None, guider=None) -> io.NodeOutput:
+        try:
+            diagnostics.check_latent(latent["samples"], "latent")
+        except diagnostics.UnsupportedLatentError as err:
+            raise REGConfigError(f"REGDiagnostics: {err}") from None
         patch = find_patch(model, guider)
         record = patch.last_record
         if record is None or not record.steps:
@@ -117,9 +133,11 @@ class REGDiagnostics(io.ComfyNode):
         if sample >= batch:
             raise REGConfigError(f"sample {sample} is out of range: the last run had a batch of {batch}.")
         if not any(step.active for step in record.steps):
-            raise REGConfigError(
-                "REG did not act in the last run (outside its start/end window, strength 0, or cfg 1 at every step)."
-            )
+            note = diagnostics.inactive_note(record)
+            log.info("REGDiagnostics: %s", note)
+            picture = _to_image(diagnostics.render_inactive(record))
+            text = json.dumps({**record.to_dict(), "maps_shown": [], "note": note}, indent=1)
+            return io.NodeOutput(picture, picture, text)
         stats = diagnostics.render_statistics(record, sample)
         shown = parse_steps(steps, record)
         maps = diagnostics.render_maps(record, shown, sample) if shown else Image.new("RGB", (64, 64), "white")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..reg_core import clip_score, sweep
+from ..reg_core import clip_score, diagnostics, sweep
 from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from .clip_score import CATEGORY, CLIP_SCORE_MODEL
@@ -109,7 +109,8 @@ class REGGuidanceSweep(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The negative (unconditional) prompt, as for KSampler."),
                 io.Latent.Input(
                     "latent_image",
-                    tooltip="The latent to denoise (every image of the batch is sampled, decoded and scored).",
+                    tooltip="The latent to denoise (every image of the batch is sampled, decoded and scored; of a "
+                    "video latent, every decoded frame). Nested latents (LTX-2 audio + video) are refused.",
                 ),
                 io.Vae.Input("vae", tooltip="Decodes every run's latent for scoring and for the grid."),
                 CLIP_SCORE_MODEL.Input("clip_score_model", tooltip="The model from REG CLIP Score Model Loader."),
@@ -253,6 +254,10 @@ class REGGuidanceSweep(io.ComfyNode):
         settings.validate()
         if truncation not in clip_score.TRUNCATION_MODES:
             raise clip_score.InvalidInputError(f"truncation must be one of {clip_score.TRUNCATION_MODES}.")
+        try:
+            diagnostics.check_latent(latent_image["samples"], "latent_image")
+        except diagnostics.UnsupportedLatentError as err:
+            raise sweep.SweepConfigError(f"REGGuidanceSweep: {err}") from None
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         prompts = clip_score.split_prompts(score_prompt, int(latent.shape[0]), input_name="score_prompt")
         reg = {

@@ -107,6 +107,52 @@ class RunRecord:
         }
 
 
+class UnsupportedLatentError(ValueError):
+    """A latent these diagnostics cannot read; the message names the input."""
+
+
+def check_latent(samples: object, input_name: str) -> None:
+    """Accept image ``[B, C, H, W]`` and video ``[B, C, T, H, W]`` latents; refuse nested ones by name.
+
+    A nested latent (``is_nested``: ComfyUI's ``NestedTensor`` of LTX-2's audio + video, or a torch nested tensor)
+    holds several latents of different shapes, which have no single M map.
+    """
+    if getattr(samples, "is_nested", False):
+        raise UnsupportedLatentError(
+            f"{input_name}: nested latents (several latents in one, e.g. LTX-2 audio + video) are not supported; "
+            "connect an image or video latent."
+        )
+    ndim = getattr(samples, "ndim", None)
+    if ndim not in (4, 5):
+        shape = tuple(getattr(samples, "shape", ()))
+        raise UnsupportedLatentError(
+            f"{input_name}: expected an image latent [B, C, H, W] or a video latent [B, C, T, H, W], got shape {shape}."
+        )
+
+
+def inactive_note(record: RunRecord) -> str:
+    """Why there is nothing to show when REG acted at no evaluation of the run."""
+    return (
+        f"REG did not act in the last run ({len(record.steps)} model evaluations): outside its start/end window, "
+        "strength 0, or cfg 1 (no negative prediction) at every step."
+    )
+
+
+def render_inactive(record: RunRecord) -> Image.Image:
+    """The picture shown instead of the plots when REG acted at no evaluation: what happened and what to change."""
+    sigmas = [float(step.sigma.max()) for step in record.steps]
+    span = f"sigma {sigmas[0]:.3g} to {sigmas[-1]:.3g}" if sigmas else "no evaluations"
+    return render.message(
+        [
+            "REG did not act in the last run",
+            f"{len(record.steps)} model evaluations, {span}; REG window sigma {record.sigma_low:.3g} to "
+            f"{record.sigma_high:.3g}.",
+            "Check start_percent / end_percent, strength > 0, and a cfg other than 1",
+            "(at cfg 1 ComfyUI skips the negative prediction, so there is no guidance to rectify).",
+        ]
+    )
+
+
 def _active_steps(record: RunRecord) -> list[int]:
     return [i for i, step in enumerate(record.steps) if step.active]
 

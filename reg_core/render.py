@@ -241,3 +241,16 @@ def colorbar(lo: float, hi: float, height: int, width: int = 16) -> Image.Image:
         value = hi - frac * (hi - lo)
         draw.text((width + 4, 10 + frac * (height - 1)), _label(value), fill=BLACK, font=f, anchor="lm")
     return image
+
+
+def message(lines: Sequence[str], *, width: int = 720, size: int = 14) -> Image.Image:
+    """A white picture holding ``lines`` of text (the first one larger), for a plot that has nothing to show."""
+    heading, body = font(size + 4), font(size)
+    line_height = size + 8
+    image = Image.new("RGB", (width, 40 + (size + 12) + line_height * max(len(lines) - 1, 0)), WHITE)
+    draw = ImageDraw.Draw(image)
+    y = 20
+    for i, text in enumerate(lines):
+        draw.text((20, y), text, fill=BLACK, font=heading if i == 0 else body)
+        y += (size + 12) if i == 0 else line_height
+    return image

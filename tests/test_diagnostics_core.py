@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from reg_core import diagnostics, toy_demo
@@ -61,3 +63,40 @@ def test_percentiles_of_large_maps_come_from_a_bounded_strided_sample() -> None:
     # 65,536 elements, stride 4: the strided sample of a ramp has the same percentiles to within the stride.
     assert abs(float(stats["p50"][0]) - 0.5) < 1e-4 and abs(float(stats["p95"][0]) - 0.95) < 1e-4
     assert abs(float(stats["mean"][0]) - 0.5) < 1e-6  # the mean stays exact
+
+
+def test_video_statistics_span_every_frame_and_maps_average_the_frames() -> None:
+    gen = torch.Generator().manual_seed(3)
+    m = torch.randn(2, 16, 3, 6, 10, generator=gen, dtype=torch.float64) + 0.8  # [B, C, T, H, W]
+    delta = torch.randn(2, 16, 3, 6, 10, generator=gen, dtype=torch.float64)
+    stats = diagnostics.step_statistics(m, delta, m * delta)
+    for b in range(2):
+        assert math.isclose(float(stats["mean"][b]), float(m[b].mean()), rel_tol=1e-6)
+        assert math.isclose(float(stats["frac_neg"][b]), float((m[b] < -1e-3).double().mean()), rel_tol=1e-6)
+        want = float((m[b] * delta[b]).norm() / delta[b].norm())
+        assert math.isclose(float(stats["norm_ratio"][b]), want, rel_tol=1e-5)
+    pooled = diagnostics.downsample_map(m)
+    assert pooled.shape == (2, 16, 6, 10)
+    assert torch.allclose(pooled, m.float().mean(2))
+    record = diagnostics.RunRecord(0.0, 1.0, True, "vjp")
+    record.steps.append(diagnostics.StepRecord(torch.ones(2), True, stats, pooled))
+    image = diagnostics.render_maps(record, [0], sample=1, cell=100)
+    assert image.height == 60 + 2 * 10 + 34  # one heatmap at the 6 × 10 aspect ratio, 100 wide
+
+
+def test_latents_are_checked_by_rank_and_nested_ones_refused() -> None:
+    diagnostics.check_latent(torch.zeros(1, 4, 8, 8), "latent")
+    diagnostics.check_latent(torch.zeros(1, 16, 2, 8, 8), "latent")
+    nested = torch.nested.nested_tensor([torch.zeros(16, 2, 8, 8), torch.zeros(16, 3, 8, 8)])
+    with pytest.raises(diagnostics.UnsupportedLatentError, match=r"^latent_image: nested latents"):
+        diagnostics.check_latent(nested, "latent_image")
+    with pytest.raises(diagnostics.UnsupportedLatentError, match=r"latent: expected an image latent .* \(1, 8, 5\)"):
+        diagnostics.check_latent(torch.zeros(1, 8, 5), "latent")
+
+
+def test_a_run_without_rectification_renders_a_message() -> None:
+    record = diagnostics.RunRecord(0.1, 5.0, False, "vjp")
+    record.steps += [diagnostics.StepRecord(torch.full((1,), s), False) for s in (14.6, 3.0)]
+    assert diagnostics.inactive_note(record).startswith("REG did not act in the last run (2 model evaluations)")
+    image = np.asarray(diagnostics.render_inactive(record))
+    assert image.shape[1] == 720 and (image < 128).any() and (image == 255).mean() > 0.8

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from prompts import custom_advanced, ksampler, sd15_inputs
-from test_reg_nodes import REG, SCHEDULE, _patched, _sample, load_family, reference_one_step
+from test_reg_nodes import REG, SCHEDULE, _patched, _sample, load_family, reference_one_step, run_ksampler
 
 
 def diagnosed_run(harness, tiny, *, steps=1, cfg=4.0, batch_size=1, width=32, diag_steps="auto", reg=None):
@@ -51,13 +52,18 @@ def test_recorded_statistics_match_independent_m(harness, tiny, batch_size):
 
 
 def test_norm_ratio_is_kept_guidance(harness, tiny, reg_pack):
-    """With strength 0.5 the applied factor is 1 + 0.5(M − 1): the ratio is ‖(1 + 0.5(M−1))⊙Δ‖/‖Δ‖, not 1."""
-    _, _, half = diagnosed_run(harness, tiny, reg={"strength": 0.5})
-    _, _, full = diagnosed_run(harness, tiny)
-    r_half, r_full = half["steps"][0]["norm_ratio"][0], full["steps"][0]["norm_ratio"][0]
-    assert half["steps"][0]["mean"] == pytest.approx(full["steps"][0]["mean"], rel=1e-5)  # M itself is unchanged
-    assert r_half != pytest.approx(r_full, rel=1e-3)
-    assert 0 < r_half and 0 < r_full
+    """With strength λ the applied factor is 1 + λ(M − 1): the ratio is ‖(1 + λ(M−1))⊙Δ‖/‖Δ‖, computed here from
+    an independent M and Δ = D_cfg − D_c (one Euler step to σ = 0 returns the denoised prediction itself)."""
+    _, m = reference_one_step(tiny, "sd15", 4.0)
+    d_cfg = run_ksampler(harness, tiny, steps=1, cfg=4.0)
+    d_c = run_ksampler(harness, tiny, steps=1, cfg=1.0)
+    delta = (d_cfg - d_c).double()
+    for strength in (0.5, 1.0):
+        _, _, record = diagnosed_run(harness, tiny, reg={"strength": strength})
+        factor = 1 + strength * (m.detach().double() - 1)
+        want = float((factor * delta).norm() / delta.norm())
+        assert record["steps"][0]["norm_ratio"][0] == pytest.approx(want, rel=1e-4), strength
+        assert abs(want - 1) > 1e-2  # REG really changed the size of the guidance
 
 
 def test_window_marks_inactive_steps_and_maps_exist_only_when_active(harness, tiny):
@@ -121,5 +127,57 @@ def test_clear_errors(harness, tiny):
         harness.run(g)
     with pytest.raises(PromptExecutionError, match="steps: 'x' is not an integer"):
         diagnosed_run(harness, tiny, diag_steps="0, x")
-    with pytest.raises(PromptExecutionError, match="did not act"):
-        diagnosed_run(harness, tiny, cfg=1.0)
+
+
+def test_a_run_where_reg_did_not_act_gives_a_picture_and_a_note(harness, tiny):
+    """At cfg 1 there is no negative prediction, so REG acts nowhere: the prompt still succeeds and says so."""
+    result, diag, record = diagnosed_run(harness, tiny, steps=2, cfg=1.0)
+    assert [s["active"] for s in record["steps"]] == [False, False]
+    assert record["maps_shown"] == [] and record["note"].startswith("REG did not act in the last run (2 model ")
+    stats, maps = result.image(diag, 0), result.image(diag, 1)
+    assert torch.equal(stats, maps) and stats.shape[0] == 1 and stats.shape[-1] == 3
+    dark = (stats[0] < 0.5).all(-1)
+    assert 0.002 < float(dark.float().mean()) < 0.2  # text on a white picture, not a blank image
+
+
+def _wan_run(reg_pack, estimator="gradient-free"):
+    """A REGGuidance-patched tiny Wan 2.1 sampled for 2 steps on a 2-frame 5-D latent; returns (patched, samples)."""
+    import comfy.sample
+    import tiny_models
+
+    model, _ = tiny_models.load_modern("wan")
+    positive, negative = (tiny_models.modern_conditioning("wan", seed) for seed in (1, 2))
+    node = reg_pack.submodule("nodes.guidance").REGGuidance
+    patched = node.execute(model, 1.0, estimator, 0.0, 1.0, 1).result[0]
+    latent = torch.zeros(tiny_models.MODERN_FAMILIES["wan"].latent)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    samples = comfy.sample.sample(patched, noise, 2, 4.0, "euler", "simple", positive, negative, latent, seed=3)
+    return patched, samples
+
+
+def test_video_latents_are_diagnosed_with_maps_averaged_over_frames(reg_pack):
+    patched, samples = _wan_run(reg_pack)
+    assert samples.ndim == 5 and samples.shape[2] == 2
+    node = reg_pack.submodule("nodes.diagnostics").REGDiagnostics
+    stats, maps, text = node.execute({"samples": samples}, "auto", 0, model=patched).result
+    record = json.loads(text)
+    assert [s["active"] for s in record["steps"]] == [True, True] and record["maps_shown"] == [0, 1]
+    assert all(math.isfinite(s["mean"][0]) and s["p05"][0] <= s["p50"][0] <= s["p95"][0] for s in record["steps"])
+    patch = patched.get_wrappers("outer_sample", "reg_guidance")[0].__self__
+    assert tuple(patch.last_record.steps[0].m_map.shape) == (1, 16, 8, 8)  # [B, C, H, W]: frames averaged
+    assert stats.shape[0] == maps.shape[0] == 1 and maps.shape[2] > 2 * 192  # two square heatmaps side by side
+
+
+def test_nested_latents_are_refused_naming_the_input(reg_pack):
+    diagnostics = reg_pack.submodule("nodes.diagnostics")
+    common = reg_pack.submodule("nodes.common")
+    nested = [torch.nested.nested_tensor([torch.zeros(16, 2, 8, 8), torch.zeros(16, 3, 8, 8)])]
+    try:
+        import comfy.nested_tensor  # ComfyUI ≥ 0.4: LTX-2's audio + video latents
+
+        nested.append(comfy.nested_tensor.NestedTensor([torch.zeros(1, 16, 2, 8, 8), torch.zeros(1, 8, 5)]))
+    except ImportError:
+        pass
+    for samples in nested:
+        with pytest.raises(common.REGConfigError, match=r"REGDiagnostics: latent: nested latents .* not supported"):
+            diagnostics.REGDiagnostics.execute({"samples": samples}, "auto", 0)

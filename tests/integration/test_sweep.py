@@ -349,8 +349,12 @@ def test_interrupt_between_runs_stops_the_sweep(tiny, clip_models, reg_pack):
         ({"cfg_values": ", ".join(str(v) for v in range(65))}, "at most 64 runs"),
         ({"cfg_values": "2, x"}, "'x' is not a number"),
         ({"start_percent": 0.9, "end_percent": 0.1}, "start_percent"),
+        (
+            {"latent_image": {"samples": torch.nested.nested_tensor([torch.zeros(4, 4, 4), torch.zeros(4, 8, 8)])}},
+            r"REGGuidanceSweep: latent_image: nested latents \(several latents in one, e.g. LTX-2 audio \+ video\)",
+        ),
     ],
-    ids=["no-method", "prompt-count", "too-many-values", "cfg-values", "reg-window"],
+    ids=["no-method", "prompt-count", "too-many-values", "cfg-values", "reg-window", "nested-latent"],
 )
 def test_bad_settings_never_start_sampling(tiny, clip_models, reg_pack, overrides, message):
     import nodes
