@@ -201,7 +201,8 @@ def quantized(request, reg_pack) -> tuple[str, Tiny, Tiny]:
     try:
         import comfy.quant_ops  # noqa: F401
     except ImportError:
-        pytest.skip(f"ComfyUI {comfyui_version()} has no QuantizedTensor weights (comfy.quant_ops is newer)")
+        version = ".".join(map(str, comfyui_version()))
+        pytest.skip(f"ComfyUI {version} has no QuantizedTensor weights (comfy.quant_ops is newer)")
     return (request.param, *tiny_quantized(request.param))
 
 
