@@ -178,6 +178,21 @@ def _settings(
     )
 
 
+def _check_window(start_percent, end_percent) -> bool | str:
+    """``validate_inputs`` of the REG nodes: a window that can never hold a step is refused when the prompt is queued.
+
+    ComfyUI repeats the message once per input named here, so only the two window inputs are. Linked (not yet known)
+    values pass here; :meth:`REGSettings.validate` checks every setting again when the node runs.
+    """
+    if not all(isinstance(v, (int, float)) for v in (start_percent, end_percent)):
+        return True
+    try:
+        _settings(1.0, Estimator.VJP.value, start_percent, end_percent, 1).validate()
+    except REGConfigError as err:
+        return str(err)
+    return True
+
+
 def _schedule(schedule: str, end_cfg: float, sigma_low: float, sigma_high: float, exponent: float, progress: str):
     return ScheduleSettings(
         schedule=Schedule(schedule),
@@ -208,6 +223,10 @@ class REGGuidance(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with REG applied on top of its guidance.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent) -> bool | str:
+        return _check_window(start_percent, end_percent)
 
     @classmethod
     def execute(cls, model, strength, estimator, start_percent, end_percent, refresh_every) -> io.NodeOutput:
@@ -318,6 +337,10 @@ class REGGuider(io.ComfyNode):
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent) -> bool | str:
+        return _check_window(start_percent, end_percent)
 
     @classmethod
     def execute(

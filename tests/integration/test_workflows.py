@@ -1,23 +1,22 @@
 """The example workflows in ``workflows/``: each UI template is exactly the graph of its API twin, every twin validates
 and runs in real ComfyUI (with the tiny models standing in for the real files), and the template browser lists the UI
-files only.
+files only, each with its thumbnail.
 
-The UI → API conversion below is written from the frontend's ``graphToPrompt`` (ComfyUI_frontend 1.27, bundled with
-ComfyUI 0.3.64), independently of ``workflows/build_workflows.py``: widget values are assigned to the node
+The UI files are the source of truth; the API twins in ``workflows/api/`` are derived from them (the frontend's
+Workflow → Export (API), or ``ui_to_api`` below). The conversion below is written from the frontend's
+``graphToPrompt`` (ComfyUI_frontend 1.27, bundled with ComfyUI 0.3.64): widget values are assigned to the node
 definition's widget inputs in the frontend's order (``input_order`` required, then optional), the extra value of a
 ``control_after_generate`` widget is skipped, linked inputs become ``[node id, slot]`` and frontend-only nodes (notes)
-are dropped.
+are dropped. tests/browser/ checks the same against the real page's ``app.graphToPrompt()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import itertools
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,20 @@ REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 API_DIR = WORKFLOWS / "api"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+# The template browser shows the file name as the card's title: "REG <n> - <what it compares> (<model>)".
+FIRST = "REG 1 - CFG vs CFG + REG (SD1.5)"
 REQUIRED = {
-    "sd15_cfg_vs_reg",
-    "apg_plus_reg",
-    "pag_plus_reg",
-    "sd3_reg",
-    "reg_guider_custom_advanced",
-    "reg_schedule",
+    FIRST,
+    "REG 2 - Interval guidance schedule + REG (SD1.5)",
+    "REG 3 - APG vs APG + REG (SD1.5)",
+    "REG 4 - PAG vs PAG + REG (SD1.5)",
+    "REG 5 - REG Guider with SamplerCustomAdvanced (SD1.5)",
+    "REG 6 - CFG vs CFG + REG (SD3.5 Medium)",
 }
 
 # Nodes that exist only in the frontend and are never sent to the server.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
+RESULT_NODES = {"SaveImage", "PreviewImage", "PreviewAny"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 TITLE_BAR = 30  # LiteGraph draws the title above ``pos``
 
@@ -358,49 +360,80 @@ def test_api_twin_runs_with_tiny_models_and_every_image_is_finite(harness, tiny,
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Template browser and generator
+# Template browser, first view and queue-time validation
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def test_template_browser_lists_only_the_ui_workflows_and_serves_them(reg_pack, caplog):
     """ComfyUI's own routes (app/custom_node_manager.py) on a real aiohttp server, with the pack in custom_nodes."""
+    from urllib.parse import quote
+
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
     from app.custom_node_manager import CustomNodeManager
 
     import nodes
 
-    async def fetch() -> tuple[dict[str, list[str]], dict[str, Any], int]:
+    base = f"/api/workflow_templates/{PACK_NAME}/{quote(FIRST)}"
+
+    async def fetch() -> tuple[dict[str, list[str]], dict[str, Any], int, list[tuple[int, str, bytes]]]:
         routes = web.RouteTableDef()
         app = web.Application()
         CustomNodeManager().add_routes(routes, app, [(PACK_NAME, nodes.LOADED_MODULE_DIRS[PACK_NAME])])
         app.add_routes(routes)
         async with TestClient(TestServer(app)) as client:
             listing = await (await client.get("/workflow_templates")).json()
-            served = await (await client.get(f"/api/workflow_templates/{PACK_NAME}/sd15_cfg_vs_reg.json")).json()
-            api_status = (await client.get(f"/api/workflow_templates/{PACK_NAME}/sd15_cfg_vs_reg.api.json")).status
-        return listing, served, api_status
+            served = await (await client.get(f"{base}.json")).json()
+            api_status = (await client.get(f"{base}.api.json")).status
+            thumbs = []
+            for name in listing[PACK_NAME]:
+                response = await client.get(f"/api/workflow_templates/{PACK_NAME}/{quote(name)}.jpg")
+                thumbs.append((response.status, response.content_type, await response.read()))
+        return listing, served, api_status, thumbs
 
     with caplog.at_level(logging.DEBUG):
-        listing, served, api_status = asyncio.run(fetch())
+        listing, served, api_status, thumbs = asyncio.run(fetch())
     assert sorted(listing[PACK_NAME]) == NAMES
     assert not any(name.endswith(".api") for name in listing[PACK_NAME])
-    assert served == load(WORKFLOWS / "sd15_cfg_vs_reg.json")
+    assert served == load(WORKFLOWS / f"{FIRST}.json")
     assert api_status == 404  # the twins live in workflows/api/, not next to the templates
+    # The card's picture: <name>.jpg (the frontend asks for jpg), a small JPEG.
+    for status, content_type, data in thumbs:
+        assert (status, content_type, data[:2]) == (200, "image/jpeg", b"\xff\xd8")
+        assert len(data) < 50_000
     # ComfyUI accepts workflows/ but suggests example_workflows/ (at debug level only).
     assert any("consider renaming it to 'example_workflows'" in r.getMessage() for r in caplog.records)
 
 
-def test_generated_files_are_up_to_date(reg_pack):
-    """workflows/build_workflows.py would write exactly the committed files (run it after changing a workflow)."""
-    spec = importlib.util.spec_from_file_location("build_workflows", WORKFLOWS / "build_workflows.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    files = module.build_all()
-    assert sorted(files) == sorted([*WORKFLOWS.glob("*.json"), *API_DIR.glob("*.json")])
-    for path, text in files.items():
-        assert path.read_text(encoding="utf-8") == text, f"{path.relative_to(REPO)} is stale; run the generator"
+@pytest.mark.parametrize("name", NAMES)
+def test_template_opens_with_its_results_in_view(name):
+    """The saved view (extra.ds, which the frontend restores on load) shows the result column on the canvas of a
+    1600×900 window (1536×820 px right of the sidebar, below the tab and menu bars): every result node's full width and
+    the first one's title bar, at a zoom where LiteGraph still draws widgets (0.6). tests/integration/test_browser.py
+    checks the real page."""
+    ui = load(WORKFLOWS / f"{name}.json")
+    scale, (ox, oy) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+    assert scale >= 0.6
+    results = [n for n in ui["nodes"] if n["type"] in RESULT_NODES]
+    for node in results:
+        left, right = (node["pos"][0] + ox) * scale, (node["pos"][0] + node["size"][0] + ox) * scale
+        assert 0 <= left and right <= 1536, (node["title"], left, right)
+    top = (min(n["pos"][1] for n in results) - TITLE_BAR + oy) * scale
+    assert 0 <= top <= 200, top
+
+
+def test_a_window_that_can_never_work_is_refused_when_queued(reg_pack):
+    """validate_inputs on REGGuidance: the REG branch fails validation (it never runs) with the pack's message, once
+    per window input."""
+    import execution
+
+    prompt = api_twin(FIRST)
+    nid = next(k for k, n in prompt.items() if n["class_type"] == "REGGuidance")
+    prompt[nid]["inputs"].update(start_percent=0.8, end_percent=0.2)
+    with without_path(REPO):
+        _, _, _, node_errors = asyncio.run(execution.validate_prompt("never-works", prompt, None))
+    custom = {k: [e for e in v["errors"] if e["type"] == "custom_validation_failed"] for k, v in node_errors.items()}
+    assert [k for k, errors in custom.items() if errors] == [nid]  # (and the real checkpoint file is absent here)
+    errors = custom[nid]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["start_percent", "end_percent"]
+    assert all("start_percent (0.8) is after end_percent (0.2)" in e["details"] for e in errors), errors
