@@ -113,7 +113,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="sampling steps per run, step 0 not timed; steps - 1 must be a multiple of 4 (default: 5 for the SD1.5 "
         "UNet and the SD3 MMDiT, 17 for the core denoiser, whose steps take milliseconds)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration")
+    parser.add_argument(
+        "--repeats", type=int, help="interleaved repeats per configuration (default 3; --real-size 1, --gpu-plan 2)"
+    )
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run (0: none)")
     parser.add_argument("--breakdown-reps", type=int, default=3, help="repeats of each piece (0: skip)")
     parser.add_argument("--configs", nargs="+", metavar="NAME", help="subset of configurations (default: all)")
@@ -130,6 +132,8 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse and check the arguments that need no torch (the re-exec decision comes before torch is imported)."""
     args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = (2 if args.gpu_plan else 1) if args.real_size else 3
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.real_size:

@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import gc
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 MIB = 2**20
+log = logging.getLogger("bench_reg.runs")
 
 
 @dataclass(frozen=True)
@@ -578,9 +580,12 @@ def measure_configs(
         stats = run(by_name[name], index, memory if memory.available else None, None)
         runs[name].append(stats)
         rss_sequence.append(stats.rss_after)
+        log.info("%s %dx%d run %d/%d %s: %.2f s/step", label, size, size, index + 1, len(sequence), name,
+                 stats.steady_step)  # fmt: skip
     tensors = {}
     if profiled:
         for c in configs:
+            log.info("%s %dx%d: profiled run(s) of %s", label, size, size, c.name)
             tensors[c.name] = profile_runs(lambda recorder, c=c: run(c, 0, None, recorder), c.refresh_every, profiled)
     return Measurement(
         label,

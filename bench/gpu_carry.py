@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -37,7 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CARRY = REPO / ".gpu-carry"
-LIMIT = 64 * 2**20
+LIMIT = 64 * 2**20  # what one device call carries: the working tree plus the carried paths
+MARGIN = 2**20  # for files the tree gains between packing and running
 COMFYUI_ARCHIVE = "comfyui.tar.gz"
 # Paths of a ComfyUI tree that the benchmark never reads (relative, first component or any component for caches).
 SKIP_TOP = {".venv", ".git", ".github", "models", "tests", "tests-unit", "input", "output", "temp", "user"}
@@ -137,6 +139,16 @@ def folder_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
+def working_tree_bytes() -> int:
+    """Size of what travels with the carry anyway: tracked and untracked, not ignored files (``git ls-files``)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    paths = [REPO / name for name in listed.decode().split("\0") if name]
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
 def fits_limit(sizes: list[tuple[str, int]], used: int, limit: int = LIMIT) -> tuple[list[str], list[str]]:
     """Take items in order while the running total stays within ``limit``; returns (taken, left out)."""
     taken, left = [], []
@@ -166,7 +178,10 @@ def pack_comfyui(tree: Path, archive: Path) -> int:
 
 
 def download(wheel: Wheel, dest: Path, python: str) -> Path:
-    """``pip download`` one wheel for linux x86_64 / CPython ``python`` (pure-Python when ``wheel.pure``)."""
+    """``pip download`` one wheel for linux x86_64 / CPython ``python`` (pure-Python when ``wheel.pure``) into
+    ``dest/<python>/`` (kept between packs: pip skips what is there)."""
+    dest = dest / python
+    dest.mkdir(parents=True, exist_ok=True)
     before = set(dest.glob("*.whl"))
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
     cmd += ["--python-version", python]
@@ -206,7 +221,9 @@ def pack(args: argparse.Namespace) -> int:
                 path = download(wheel, staging, python)
                 files[path.name] = (wheel, path)
     order = sorted(files.items(), key=lambda kv: (tiers.index(kv[1][0].tier), WHEELS.index(kv[1][0])))
-    taken, left = fits_limit([(n, p.stat().st_size) for n, (_w, p) in order], size + 4096)
+    tree_size = working_tree_bytes()
+    budget = LIMIT - tree_size - MARGIN
+    taken, left = fits_limit([(n, p.stat().st_size) for n, (_w, p) in order], size + 4096, budget)
     manifest = {"comfyui": str(tree), "python": args.python_version, "wheels": [], "left_out": left}
     for name in taken:
         wheel, path = files[name]
@@ -214,7 +231,11 @@ def pack(args: argparse.Namespace) -> int:
         manifest["wheels"].append({"file": name, "module": wheel.module, "tier": wheel.tier})
     (CARRY / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = folder_bytes(CARRY) - folder_bytes(staging)
-    sys.stdout.write(f"{CARRY}: {total / 2**20:.1f} MiB of {LIMIT / 2**20:.0f} MiB (downloads/ is not carried)\n")
+    sys.stdout.write(
+        f"{CARRY}: {total / 2**20:.1f} MiB + the working tree's {tree_size / 2**20:.1f} MiB "
+        f"of the {LIMIT / 2**20:.0f} MiB "
+        "a device call carries (downloads/ stays here)\n"
+    )
     for entry in manifest["wheels"]:
         sys.stdout.write(f"  {entry['tier']:4}  {entry['file']}\n")
     for name in left:
@@ -256,6 +277,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise SystemExit(f"no {manifest_path}: build it with ./dev gpu-pack (needs PyPI) and carry .gpu-carry")
     manifest = json.loads(manifest_path.read_text())
     work = Path(tempfile.mkdtemp(prefix="reg-gpu-"))
+    try:
+        return _run_in(work, manifest, args, extra)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_in(work: Path, manifest: dict, args: argparse.Namespace, extra: list[str]) -> int:
     with tarfile.open(CARRY / COMFYUI_ARCHIVE) as tar:
         tar.extractall(work, filter="data")
     comfyui = work / "ComfyUI"
