@@ -156,19 +156,24 @@ def _storage(tensor: torch.Tensor) -> int | None:
 class GradientAudit:
     """A global module forward hook that records layers whose output lost the gradient their input carried.
 
+    Checked: every layer with weights of its own (linear, convolution, norm, quantised linear) and the network
+    itself.
     With ``D = x − σ·F(x)`` the denoised output keeps a gradient through ``x`` even when the network ``F`` is cut from
     the graph (quantised layers whose input is quantised without grad, a cache, a kernel without backward), so M would
     silently come from a partial Jacobian (``M = a·𝟙`` when the whole network is cut). Works for every model: it does
     not rely on a model calling ComfyUI's DIFFUSION_MODEL wrapper.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, network: torch.nn.Module) -> None:
+        self.network = network
         self.dropped: list[str] = []
         self.paused = 0  # > 0 while a checkpointed block runs without graph on purpose
 
     def _hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self.paused or not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
+        if module is not self.network and not any(p is not None for p in module._parameters.values()):
+            return  # containers may take an input only for its dtype or shape (Qwen-Image's timestep embedding)
         if output.requires_grad or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return
         if len(self.dropped) < 8:
@@ -345,7 +350,7 @@ class TracedPass:
 
     def __init__(self, network: torch.nn.Module, parameters: Iterable[torch.Tensor], *, checkpoint: bool) -> None:
         self.guard = SavedTensorGuard(parameters)
-        self.audit = GradientAudit()
+        self.audit = GradientAudit(network)
         self.checkpointing = BlockCheckpointing(network, self) if checkpoint else None
         self._stack: contextlib.ExitStack | None = None
 

@@ -128,16 +128,36 @@ def _three(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def test_the_audit_names_layers_that_drop_the_gradient(reg_pack):
     tp = reg_pack.submodule("nodes.traced_pass")
 
-    class Detaching(torch.nn.Module):
+    class Quantised(torch.nn.Linear):
         def forward(self, x):
-            return x.detach() * 2
+            return super().forward(x.detach())  # the input quantised without grad
 
-    net = torch.nn.Sequential(torch.nn.Linear(3, 3), Detaching()).requires_grad_(False)
+    class DtypeOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, t, like):  # uses ``like`` only for its dtype, as Qwen-Image's timestep embedding
+            return self.lin(t.to(like.dtype))
+
+    class Net(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer, self.embed = layer, DtypeOnly()
+
+        def forward(self, x):
+            return self.layer(x) + self.embed(torch.ones(2, 3), x)
+
     x = torch.randn(2, 3, requires_grad=True)
-    with tp.TracedPass(net, net.parameters(), checkpoint=False) as traced:
-        net(x)
-        with pytest.raises(tp.NoGraphError, match="Detaching"):
-            traced.check()
+    for layer, dropped in ((Quantised(3, 3), "Quantised"), (torch.nn.Linear(3, 3), None)):
+        net = Net(layer).requires_grad_(False)
+        with tp.TracedPass(net, net.parameters(), checkpoint=False) as traced:
+            net(x)
+            if dropped is None:
+                traced.check()
+            else:
+                with pytest.raises(tp.NoGraphError, match=dropped):
+                    traced.check()
 
 
 def test_everything_switched_is_restored_on_error(reg_pack):
