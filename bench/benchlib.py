@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from reg_core.rectify import is_fresh_evaluation
+
 MIB = 2**20
 log = logging.getLogger("bench_reg.runs")
 
@@ -99,7 +101,7 @@ def fresh_evaluations(count: int, refresh_every: int) -> list[bool]:
     """
     if refresh_every < 1:
         raise ValueError(f"refresh_every must be at least 1, got {refresh_every}")
-    return [e % refresh_every == 0 for e in range(count)]
+    return [is_fresh_evaluation(e, refresh_every) for e in range(count)]
 
 
 def _status_kib(name: str) -> int | None:

@@ -89,9 +89,9 @@ class Evaluation:
 class LaggedREG:
     """REG ``D_c + M ⊙ w(D_c − D_u)`` with M estimated on every ``refresh_every``-th evaluation and reused in between.
 
-    The same rule as the runtime's ``refresh_every``: evaluation ``e`` (0-based) estimates M anew when
-    ``e % k == 0``; every evaluation (also a Heun correction) counts. ``track`` keeps an :class:`Evaluation` per call
-    with a fresh M of the ``reference`` estimator at the evaluated point (``vjp``: the exact M), for measuring the
+    The runtime's ``refresh_every`` rule, :func:`reg_core.rectify.is_fresh_evaluation`; every evaluation (also a
+    Heun correction) counts. ``track`` keeps an :class:`Evaluation` per call with a fresh M of the ``reference``
+    estimator at the evaluated point (``vjp``: the exact M), for measuring the
     error of the M actually used.
     """
 
@@ -107,7 +107,7 @@ class LaggedREG:
     m: Tensor | None = None
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
-        fresh = self.count % self.refresh_every == 0 or self.m is None or self.m.shape != x.shape
+        fresh = rectify.is_fresh_evaluation(self.count, self.refresh_every) or self.m is None or self.m.shape != x.shape
         self.count += 1
         if fresh:
             d_c, self.m = estimate_m(self.cond, x, sigma, self.estimator)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .rectify import Estimator, rectify, reg_factor_fd, reg_factor_vjp
+
 GuidedDenoiser = Callable[[Tensor, float], Tensor]
 """A guided denoiser in VE space: ``(x [N, d], σ) → D [N, d]``."""
 
@@ -201,14 +203,24 @@ def optimal_denoiser(toy: ConditionalToy, x: Tensor, sigma: float, w: float, ord
     return toy.cond.denoise(x, sigma) + sigma**2 * grad
 
 
-def reg_denoiser(toy: ConditionalToy, x: Tensor, sigma: float, w: float) -> Tensor:
-    """REG on the toy: ``D_c + M ⊙ w(D_c − D_u)`` with ``M = ∇_x Σ D_c`` computed by autograd (VE space, a = 1)."""
-    leaf = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        d_c = toy.cond.denoise(leaf, sigma)
-        (m,) = torch.autograd.grad(d_c.sum(), leaf)
-    d_c = d_c.detach()
-    return d_c + m * w * (d_c - toy.uncond.denoise(x, sigma))
+def reg_denoiser(
+    toy: ConditionalToy, x: Tensor, sigma: float, w: float, estimator: Estimator = Estimator.VJP
+) -> Tensor:
+    """REG on the toy: ``D_c + M ⊙ w(D_c − D_u)`` (VE space, ``a = 1``), M from :mod:`reg_core.rectify`.
+
+    ``estimator`` is ``VJP`` (the exact ``∇_x Σ D_c``) or ``GRADIENT_FREE`` (its forward difference).
+    """
+
+    def cond(z: Tensor) -> Tensor:
+        return toy.cond.denoise(z, sigma)
+
+    if estimator is Estimator.VJP:
+        d_c, m = reg_factor_vjp(cond, x, sigma)
+    elif estimator is Estimator.GRADIENT_FREE:
+        d_c, m = reg_factor_fd(cond, x, sigma)
+    else:
+        raise ValueError(f"the toy's REG takes the vjp or gradient-free estimator, got {estimator.value}")
+    return rectify(d_c, d_c + w * (d_c - toy.uncond.denoise(x, sigma)), m)
 
 
 def cfg_denoiser(toy: ConditionalToy, x: Tensor, sigma: float, w: float) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import diagnostics, render, toy
-from .rectify import reg_factor_fd, reg_factor_vjp
+from .rectify import Estimator, rectify, reg_factor_vjp
 
 log = logging.getLogger("reg_core.toy_demo")
 
@@ -49,12 +49,6 @@ def guidance_errors(t: toy.ConditionalToy, w: float, n: int, gen: torch.Generato
     return rows
 
 
-def fd_reg_denoiser(t: toy.ConditionalToy, x: torch.Tensor, sigma: float, w: float) -> torch.Tensor:
-    """REG with the gradient-free (finite-difference) estimator of M."""
-    d_c, m = reg_factor_fd(lambda z: t.cond.denoise(z, sigma), x, sigma)
-    return d_c + m * w * (d_c - t.uncond.denoise(x, sigma))
-
-
 def run_samplers(t: toy.ConditionalToy, w: float, n: int, steps: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Deterministic Heun samples of each method from the same initial noise, plus exact target draws."""
     sigmas = toy.karras_sigmas(steps, 0.01, 20.0)
@@ -63,7 +57,7 @@ def run_samplers(t: toy.ConditionalToy, w: float, n: int, steps: int, gen: torch
         "no guidance": lambda x, s: t.cond.denoise(x, s),
         "CFG": lambda x, s: toy.cfg_denoiser(t, x, s, w),
         "REG": lambda x, s: toy.reg_denoiser(t, x, s, w),
-        "REG (gradient-free)": lambda x, s: fd_reg_denoiser(t, x, s, w),
+        "REG (gradient-free)": lambda x, s: toy.reg_denoiser(t, x, s, w, Estimator.GRADIENT_FREE),
         "optimal": lambda x, s: toy.optimal_denoiser(t, x, s, w, order=12),
     }
     out = {name: toy.sample_ode(fn, start.clone(), sigmas) for name, fn in methods.items()}
@@ -133,8 +127,9 @@ def image_toy_record(w: float, steps: int, gen: torch.Generator, batch: int = 2)
     x = sigmas[0] * torch.randn(batch, t.cond.dim, generator=gen, dtype=torch.float64)
     for s, s_next in itertools.pairwise(sigmas):
         d_c, m = reg_factor_vjp(lambda z, s=s: t.cond.denoise(z, s), x, s)
-        delta = w * (d_c - t.uncond.denoise(x, s))
-        d = d_c + m * delta
+        d_guided = d_c + w * (d_c - t.uncond.denoise(x, s))
+        d = rectify(d_c, d_guided, m)
+        delta = d_guided - d_c
 
         def image(v: torch.Tensor) -> torch.Tensor:
             return v.reshape(batch, 1, side, side)
@@ -143,7 +138,7 @@ def image_toy_record(w: float, steps: int, gen: torch.Generator, batch: int = 2)
             diagnostics.StepRecord(
                 sigma=torch.full((batch,), s),
                 active=True,
-                stats=diagnostics.step_statistics(image(m), image(delta), image(m * delta)),
+                stats=diagnostics.step_statistics(image(m), image(delta), image(d - d_c)),
                 m_map=diagnostics.downsample_map(image(m)),
             )
         )
