@@ -248,8 +248,9 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), align, *(line(r) for r in rows)]) + "\n"
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:+.2f}"
+def signed_size(n: float) -> str:
+    """``+1.50 GiB`` from 1 GiB on, else ``+3.8 MiB`` (tiny networks' memory would read +0.00 GiB)."""
+    return f"{n / 2**30:+.2f} GiB" if abs(n) >= 2**30 else f"{n / MIB:+.1f} MiB"
 
 
 def memory_over_reference(m: Measurement, name: str) -> tuple[float, str]:
@@ -270,7 +271,7 @@ def real_size_rows(m: Measurement) -> list[list[str]]:
         ratio = 1.0 if name == m.reference else statistics.median(m.ratios(name))
         over_vjp = f"{ratio / vjp:.2f}" if vjp and name != m.reference else ""
         over, _kind = memory_over_reference(m, name)
-        rows.append([name, f"{statistics.median(m.step_times(name)):.3f}", f"{ratio:.2f}", over_vjp, _gib(over)])
+        rows.append([name, f"{statistics.median(m.step_times(name)):.3f}", f"{ratio:.2f}", over_vjp, signed_size(over)])
     return rows
 
 
@@ -287,10 +288,10 @@ def real_size_markdown(machine: str, models: list[str], measurements: list[Measu
         out.append(
             f"**{m.label}, latent {m.size}x{m.size} (image {8 * m.size}²), batch 1**: {m.steps} steps per run, "
             f"s/step over steps 1..{m.steps - 1}, {repeats} repeat(s), each run against the CFG runs around it; "
-            f"memory: {what}, GiB above CFG's peak"
+            f"memory: {what}, above CFG's peak"
         )
         out.append("")
-        out.append(markdown_table(["configuration", "s/step", "x CFG", "x vjp", "peak vs CFG GiB"], real_size_rows(m)))
+        out.append(markdown_table(["configuration", "s/step", "x CFG", "x vjp", "peak vs CFG"], real_size_rows(m)))
     if precision:
         rows = [precision_cells(p) for p in precision]
         out.append("**M in 16-bit compute vs float32** (same weights and input; cosine, relative L2 error)")

@@ -334,14 +334,14 @@ def _real_measurement(tensors: bool) -> Measurement:
 def test_real_size_rows_give_ratios_to_cfg_and_to_vjp_and_memory_above_cfg() -> None:
     rows = report.real_size_rows(_real_measurement(tensors=False))
     assert rows == [
-        ["CFG", "10.000", "1.00", "", "+0.00"],
-        ["REG vjp", "20.000", "2.00", "1.00", "+3.00"],
-        ["REG vjp-low-memory", "26.000", "2.60", "1.30", "+1.50"],
+        ["CFG", "10.000", "1.00", "", "+0.0 MiB"],
+        ["REG vjp", "20.000", "2.00", "1.00", "+3.00 GiB"],
+        ["REG vjp-low-memory", "26.000", "2.60", "1.30", "+1.50 GiB"],
     ]
     exact = report.real_size_rows(_real_measurement(tensors=True))  # the profiled (exact) tensor peaks win
-    assert [r[4] for r in exact] == ["+0.00", "+1.50", "+0.75"]
+    assert [r[4] for r in exact] == ["+0.0 MiB", "+1.50 GiB", "+768.0 MiB"]
     markdown = report.real_size_markdown("CPU test", ["SDXL (2.57B)"], [_real_measurement(False)], [], [])
-    assert "| REG vjp-low-memory | 26.000 | 2.60 | 1.30 | +1.50 |" in markdown
+    assert "| REG vjp-low-memory | 26.000 | 2.60 | 1.30 | +1.50 GiB |" in markdown
     assert markdown.startswith("Measured on: CPU test\n\n- SDXL (2.57B)\n")
 
 
