@@ -199,7 +199,7 @@ class AutoVJP:
     plain: ExactVJP = field(default_factory=ExactVJP)
     bounded: ExactVJP = field(default_factory=lambda: ExactVJP(checkpoint=True))
     measured: int | None = None
-    warned: bool = False
+    switched: bool = False
     kind: Estimator = Estimator.VJP
 
     def evaluate(self, cond_pass: CondPass) -> tuple[list[torch.Tensor], Estimate]:
@@ -210,15 +210,22 @@ class AutoVJP:
         free = comfy.model_management.get_free_memory(cond_pass.x.device)
         if self.measured * 1.25 < free:
             return self.plain.evaluate(cond_pass)
-        if not self.warned:
+        if not self.switched:
             log.warning(
                 "REG: the exact vjp graph needs about %.2f GB but %.2f GB are free; using the memory-bounded exact "
                 "estimator (vjp-low-memory, same M, one more forward per step) for this run.",
                 self.measured / 1e9,
                 free / 1e9,
             )
-            self.warned = True
+            self.switched = True
         return self.bounded.evaluate(cond_pass)
+
+    @property
+    def label(self) -> str:
+        """What the run record shows: ``vjp``, or that the memory-bounded graph replaced the plain one."""
+        if self.switched:
+            return f"{Estimator.VJP.value} (as {Estimator.VJP_LOW_MEMORY.value}: the plain graph did not fit)"
+        return Estimator.VJP.value
 
 
 @dataclass

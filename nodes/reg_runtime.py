@@ -312,7 +312,11 @@ class REGPatch:
     def _evaluate(self, run: REGRun, cond_pass: CondPass) -> tuple[list[torch.Tensor], Estimate]:
         """The run's estimator on the main pass, falling back to gradient-free for the failures it can name."""
         try:
-            return run.estimator.evaluate(cond_pass)
+            result = run.estimator.evaluate(cond_pass)
+            label = getattr(run.estimator, "label", None)  # AutoVJP says when the memory-bounded graph served
+            if label is not None and not run.record.estimator.startswith(Estimator.GRADIENT_FREE.value):
+                run.record.estimator = label
+            return result
         except torch.OutOfMemoryError:
             comfy.model_management.soft_empty_cache()
             reason = "not enough memory for the backward pass"

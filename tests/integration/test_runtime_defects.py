@@ -198,8 +198,11 @@ def test_vjp_switches_to_the_memory_bounded_graph_when_memory_is_short(tiny, reg
         return real(dev, True) if torch_free_too else 1024
 
     monkeypatch.setattr(comfy.model_management, "get_free_memory", short)
+    patched = _patched(model)
     with caplog.at_level(logging.WARNING):
-        got = _sample(_patched(model), positive, negative, steps=3)
+        got = _sample(patched, positive, negative, steps=3)
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and "vjp-low-memory" in warnings[0], warnings
+    patch = patched.get_wrappers("outer_sample", "reg_guidance")[0].__self__
+    assert "vjp-low-memory" in patch.last_record.estimator
     assert _close(got, plain, rel=1e-5)
