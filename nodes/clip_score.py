@@ -1,8 +1,9 @@
 """In-graph CLIP score nodes: torchmetrics' ``clip_score`` (100·cos, mean clamped at 0) on a ComfyUI IMAGE batch.
 
-The maths and the loading live in :mod:`reg_core.clip_score`; these nodes only list ``models/clip_score/``, cache the
-loaded scorer and format the result. ComfyUI's own CLIP loaders are not used: they cannot load ViT-B/16 (the paper's
-model), often lack ``text_projection`` and parse prompt weights, so they cannot reproduce the paper's number.
+The maths and the loading live in :mod:`reg_core.metrics.clip_score`; these nodes only list
+``models/clip_score/``, hand the loaded scorer to ComfyUI's model management and format the result. ComfyUI's own
+CLIP loaders are not used: they cannot load ViT-B/16 (the paper's model), often lack ``text_projection`` and parse
+prompt weights, so they cannot reproduce the paper's number.
 """
 
 from __future__ import annotations
@@ -10,26 +11,68 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management
+import comfy.model_patcher
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..reg_core import clip_score
+from ..reg_core.metrics import clip_score
+from .common import LOGGER_NAME
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(LOGGER_NAME)
 
 FOLDER_NAME = "clip_score"
 CATEGORY = "sampling/guidance/REG/eval"
 CLIP_SCORE_MODEL = io.Custom("REG_CLIP_SCORE_MODEL")
 #: ComfyUI's bundled OpenAI CLIP BPE, used when a model folder (or a single file) has no tokenizer files.
 TOKENIZER_FALLBACK = Path(comfy.model_management.__file__).resolve().parent / "sd1_tokenizer"
-#: Loaded scorers kept in memory, most recently used last; each ViT-B/16 is about 600 MB in fp32.
-CACHE_SIZE = 2
-_cache: OrderedDict[tuple[str, str, str], clip_score.CLIPScoreModel] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class ManagedScorer:
+    """A loaded CLIP scorer under ComfyUI's model management: its weights wait on the offload device and are moved
+    to the load device by :func:`comfy.model_management.load_models_gpu` for scoring, like ComfyUI's CLIP vision
+    models, so "free memory" (``unload_all_models``) and ComfyUI's memory estimates see them."""
+
+    scorer: clip_score.CLIPScoreModel
+    patcher: comfy.model_patcher.ModelPatcher
+
+    @property
+    def model_id(self) -> str:
+        return self.scorer.model_id
+
+
+class ScorerWeights(torch.nn.Module):
+    """The CLIPModel as one submodule, for the ModelPatcher (which sets ``.device`` on the module it manages, a
+    read-only property of transformers models)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = model
+
+
+def load_managed(path: Path, dtype: str) -> ManagedScorer:
+    """Load through :func:`reg_core.metrics.clip_score.load_clip_score_model` onto the text encoders' offload device."""
+    offload = comfy.model_management.text_encoder_offload_device()
+    scorer = clip_score.load_clip_score_model(
+        path, tokenizer_fallback=TOKENIZER_FALLBACK, dtype=clip_score.DTYPES[dtype], device=offload
+    )
+    patcher = comfy.model_patcher.ModelPatcher(
+        ScorerWeights(scorer.model), load_device=comfy.model_management.text_encoder_device(), offload_device=offload
+    )
+    return ManagedScorer(scorer, patcher)
+
+
+def score(
+    managed: ManagedScorer, images: torch.Tensor, prompts: list[str], truncation: str
+) -> clip_score.CLIPScoreResult:
+    """:func:`reg_core.metrics.clip_score.compute_clip_score` with the weights loaded by ComfyUI's model management."""
+    comfy.model_management.load_models_gpu([managed.patcher])
+    return clip_score.compute_clip_score(managed.scorer, images, prompts, truncation=truncation)
 
 
 def register_model_folder() -> None:
@@ -78,21 +121,6 @@ def resolve_entry(name: str) -> Path:
     )
 
 
-def load_cached(path: Path, dtype: str, device: torch.device) -> clip_score.CLIPScoreModel:
-    """Load through :func:`reg_core.clip_score.load_clip_score_model`, cached by (path, dtype, device)."""
-    key = (str(path), dtype, str(device))
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    scorer = clip_score.load_clip_score_model(
-        path, tokenizer_fallback=TOKENIZER_FALLBACK, dtype=clip_score.DTYPES[dtype], device=device
-    )
-    _cache[key] = scorer
-    while len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
-    return scorer
-
-
 class REGCLIPScoreLoader(io.ComfyNode):
     """Load a transformers CLIPModel from ``models/clip_score/`` for :class:`REGCLIPScore` (local files only)."""
 
@@ -128,8 +156,7 @@ class REGCLIPScoreLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str, dtype: str) -> io.NodeOutput:
-        device = comfy.model_management.get_torch_device()
-        return io.NodeOutput(load_cached(resolve_entry(model_name), dtype, device))
+        return io.NodeOutput(load_managed(resolve_entry(model_name), dtype))
 
 
 def format_summary(result: clip_score.CLIPScoreResult, model_id: str, truncation: str, label: str) -> str:
@@ -211,12 +238,12 @@ class REGCLIPScore(io.ComfyNode):
         cls,
         image: torch.Tensor,
         text: str,
-        clip_score_model: clip_score.CLIPScoreModel,
+        clip_score_model: ManagedScorer,
         truncation: str,
         label: str = "",
     ) -> io.NodeOutput:
         prompts = clip_score.split_prompts(text, int(image.shape[0]) if image.ndim == 4 else 1, input_name="text")
-        result = clip_score.compute_clip_score(clip_score_model, image, prompts, truncation=truncation)
+        result = score(clip_score_model, image, prompts, truncation)
         report = {
             "metric": clip_score.METRIC_NAME,
             "mean": result.mean,
@@ -228,7 +255,7 @@ class REGCLIPScore(io.ComfyNode):
             "notes": result.notes,
         }
         summary = format_summary(result, clip_score_model.model_id, truncation, label)
-        logger.info("%s", summary)
+        log.info("%s", summary)
         return io.NodeOutput(result.mean, json.dumps(report, ensure_ascii=False), ui=ui.PreviewText(summary))
 
 

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 from PIL import Image
 
 from ..reg_core import diagnostics
+from ..reg_core.plots import diagnostics as diagnostic_plots
 from .common import LOGGER_NAME, REGConfigError
 from .reg_runtime import WRAPPER_KEY, REGPatch
 
@@ -135,12 +136,12 @@ class REGDiagnostics(io.ComfyNode):
         if not any(step.active for step in record.steps):
             note = diagnostics.inactive_note(record)
             log.info("REGDiagnostics: %s", note)
-            picture = _to_image(diagnostics.render_inactive(record))
+            picture = _to_image(diagnostic_plots.render_inactive(record))
             text = json.dumps({**record.to_dict(), "maps_shown": [], "note": note}, indent=1)
             return io.NodeOutput(picture, picture, text)
-        stats = diagnostics.render_statistics(record, sample)
+        stats = diagnostic_plots.render_statistics(record, sample)
         shown = parse_steps(steps, record)
-        maps = diagnostics.render_maps(record, shown, sample) if shown else Image.new("RGB", (64, 64), "white")
+        maps = diagnostic_plots.render_maps(record, shown, sample) if shown else Image.new("RGB", (64, 64), "white")
         text = json.dumps({**record.to_dict(), "maps_shown": shown}, indent=1)
         return io.NodeOutput(_to_image(stats), _to_image(maps), text)
 

@@ -2,10 +2,10 @@
 
 For every selected method (plain CFG, CFG + REG, APG + REG, PAG + REG) and every cfg value, the node samples the
 latent with the same seed and noise exactly as KSampler does (``comfy.sample.sample`` on a patched ``model.clone()``),
-decodes it with the VAE and scores the images with the CLIP score (:mod:`reg_core.clip_score`). The patches are the
-pack's own: REG through :class:`REGPatch` installed like the REGGuidance node does, APG through :func:`apg_pre_cfg`
-with a fresh :class:`reg_core.guidance.APG` per run, PAG through :func:`pag_post_cfg`. Parsing, the plot and the grid
-are in :mod:`reg_core.sweep`.
+decodes it with the VAE and scores the images with the CLIP score (:mod:`reg_core.metrics.clip_score`). The patches
+are the pack's own: REG through :class:`REGPatch` installed like the REGGuidance node does, APG through
+:func:`apg_pre_cfg` with a fresh :class:`reg_core.guidance.APG` per run, PAG through :func:`pag_post_cfg`. Parsing
+and planning are in :mod:`reg_core.sweep`, the plot and the grid in :mod:`reg_core.plots.sweep`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..reg_core import clip_score, diagnostics, sweep
+from ..reg_core import diagnostics, sweep
 from ..reg_core.guidance import APG
+from ..reg_core.metrics import clip_score
+from ..reg_core.plots import sweep as sweep_plots
 from ..reg_core.rectify import Estimator
-from .clip_score import CATEGORY, CLIP_SCORE_MODEL
+from .clip_score import CATEGORY, CLIP_SCORE_MODEL, ManagedScorer, score
 from .common import LOGGER_NAME, wrapper_adder
 from .guidance import apg_pag_inputs, reg_inputs
 from .guidance_hooks import apg_pre_cfg, pag_post_cfg
@@ -213,7 +215,7 @@ class REGGuidanceSweep(io.ComfyNode):
         negative,
         latent_image,
         vae,
-        clip_score_model: clip_score.CLIPScoreModel,
+        clip_score_model: ManagedScorer,
         score_prompt: str,
         seed: int,
         steps: int,
@@ -306,7 +308,7 @@ class REGGuidanceSweep(io.ComfyNode):
                 images = images.reshape(-1, *images.shape[-3:])
             if images.shape[0] != len(prompts):
                 prompts = clip_score.split_prompts(score_prompt, int(images.shape[0]), input_name="score_prompt")
-            result = clip_score.compute_clip_score(clip_score_model, images, prompts, truncation=truncation)
+            result = score(clip_score_model, images, prompts, truncation)
             pixels.append(clip_score.images_to_uint8(images)[0].numpy())
             results.append(result)
             seconds = time.perf_counter() - run_start
@@ -325,11 +327,11 @@ class REGGuidanceSweep(io.ComfyNode):
 
         means = [r.mean for r in results]
         n = len(prompts)
-        plot = sweep.score_plot(
+        plot = sweep_plots.score_plot(
             runs, means, metric=clip_score.METRIC_NAME, subtitle=f"{clip_score_model.model_id}, n = {n}"
         )
         rows = sorted({r.row for r in runs})
-        grid, _ = sweep.compose_grid(
+        grid, _ = sweep_plots.compose_grid(
             [[pixels[i] for i, r in enumerate(runs) if r.row == row] for row in rows],
             row_labels=[next(r.label for r in runs if r.row == row) for row in rows],
             col_labels=[f"cfg {sweep.format_cfg(c)}" for c in cfgs],

@@ -1,4 +1,4 @@
-"""Tests of :mod:`reg_core.clip_score` against an independent reference on a tiny random-weight CLIP.
+"""Tests of :mod:`reg_core.metrics.clip_score` against an independent reference on a tiny random-weight CLIP.
 
 The reference computes torchmetrics' formula directly: its own PIL preprocessing (bicubic shortest-edge resize with the
 long side truncated to int, centre crop with top = (h - 224) // 2, /255, OpenAI mean/std), its own tokenizer call, and
@@ -23,7 +23,7 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
-from reg_core import clip_score as cs  # noqa: E402
+from reg_core.metrics import clip_score as cs  # noqa: E402
 from tests.integration.locate import find_comfyui  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -418,7 +418,7 @@ def test_dtype_is_applied(tiny):
 
 
 def test_import_needs_no_transformers():
-    code = "import sys; sys.modules['transformers'] = None; import reg_core, reg_core.clip_score"
+    code = "import sys; sys.modules['transformers'] = None; import reg_core, reg_core.metrics.clip_score"
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr
 

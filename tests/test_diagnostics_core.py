@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from reg_core import diagnostics, toy_demo
+from reg_core import demo, diagnostics
+from reg_core.plots import diagnostics as diagnostic_plots
 
 
 def test_statistics_per_sample_against_direct_formulas() -> None:
@@ -46,13 +47,13 @@ def test_maps_are_pooled_to_a_bounded_size_and_video_frames_averaged() -> None:
 
 
 def test_image_toy_record_goes_from_no_guidance_to_cfg_and_renders() -> None:
-    record = toy_demo.image_toy_record(3.0, 6, torch.Generator().manual_seed(1))
+    record = demo.image_toy_record(3.0, 6, torch.Generator().manual_seed(1))
     means = [float(step.stats["mean"][0]) for step in record.steps]
-    assert means[0] < 0.05 and means[-1] > 0.99  # M → 0 at high noise, → 1 at low noise (reg-math §8)
+    assert means[0] < 0.05 and means[-1] > 0.99  # M → 0 at high noise, → 1 at low noise (M = SNR·Cov[x0|x]·1)
     assert all(a <= b + 1e-9 for a, b in itertools.pairwise(means))
     shown = diagnostics.pick_steps(record, 3)
     assert shown == [0, 2, 5]
-    image = toy_demo.diagnostics_figure(record)
+    image = demo.diagnostics_figure(record)
     assert image.width > 500 and image.height > 800
     assert record.to_dict()["steps"][0]["sigma"] == [20.0, 20.0]
 
@@ -80,7 +81,7 @@ def test_video_statistics_span_every_frame_and_maps_average_the_frames() -> None
     assert torch.allclose(pooled, m.float().mean(2))
     record = diagnostics.RunRecord(0.0, 1.0, True, "vjp")
     record.steps.append(diagnostics.StepRecord(torch.ones(2), True, stats, pooled))
-    image = diagnostics.render_maps(record, [0], sample=1, cell=100)
+    image = diagnostic_plots.render_maps(record, [0], sample=1, cell=100)
     assert image.height == 60 + 2 * 10 + 34  # one heatmap at the 6 × 10 aspect ratio, 100 wide
 
 
@@ -98,5 +99,5 @@ def test_a_run_without_rectification_renders_a_message() -> None:
     record = diagnostics.RunRecord(0.1, 5.0, False, "vjp")
     record.steps += [diagnostics.StepRecord(torch.full((1,), s), False) for s in (14.6, 3.0)]
     assert diagnostics.inactive_note(record).startswith("REG did not act in the last run (2 model evaluations)")
-    image = np.asarray(diagnostics.render_inactive(record))
+    image = np.asarray(diagnostic_plots.render_inactive(record))
     assert image.shape[1] == 720 and (image < 128).any() and (image == 255).mean() > 0.8

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +26,13 @@ def test_root_module_imports_without_comfyui_and_exposes_the_v3_entry_point() ->
     loaded = set(sys.modules) - before
     assert not any(name == "comfy" or name.startswith(("comfy.", "comfy_api")) for name in loaded)
     assert not any(name.startswith("reg_pack_under_test.nodes") for name in loaded)  # nodes load only on demand
+
+
+def test_dev_demo_runs_the_demo_module() -> None:
+    """``./dev demo`` calls ``python -m reg_core.<module>``: that module exists and has the demo's ``main``."""
+    (module,) = re.findall(r'"\$PY" -m (reg_core\.\w+)', (ROOT / "dev").read_text())
+    assert module == "reg_core.demo"
+    demo = importlib.import_module(module)
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--help"])
+    assert info.value.code == 0

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from reg_core import render, sweep
+from reg_core import plots, sweep
+from reg_core.plots import sweep as sweep_plots
 
 
 def test_parse_cfg_values_accepts_common_separators_and_sorts():
@@ -95,15 +96,17 @@ def _colour_pixels(image: np.ndarray, colour: tuple[int, int, int]) -> int:
 def test_score_plot_draws_one_curve_per_method():
     runs = sweep.plan_runs(["cfg", "reg", "pag_reg"], [2.0, 4.0, 6.0])
     scores = [20.0, 24.0, 22.0, 21.0, 25.0, 26.0, 19.0, 18.0, 23.0]
-    image = np.asarray(sweep.score_plot(runs, scores, metric="CLIP score (torchmetrics, ×100)", subtitle="m, n = 2"))
+    image = np.asarray(
+        sweep_plots.score_plot(runs, scores, metric="CLIP score (torchmetrics, ×100)", subtitle="m, n = 2")
+    )
     assert image.shape == (440, 720, 3)
-    for colour in render.PALETTE[:3]:
+    for colour in plots.PALETTE[:3]:
         assert _colour_pixels(image, colour) > 100  # each method's line and markers are drawn
-    assert _colour_pixels(image, render.PALETTE[3]) == 0
+    assert _colour_pixels(image, plots.PALETTE[3]) == 0
 
 
 def test_tile_shape():
-    assert [sweep.tile_shape(n) for n in (1, 2, 3, 4, 5, 9, 10)] == [
+    assert [sweep_plots.tile_shape(n) for n in (1, 2, 3, 4, 5, 9, 10)] == [
         (1, 1),
         (1, 2),
         (2, 2),
@@ -113,7 +116,7 @@ def test_tile_shape():
         (3, 4),
     ]
     with pytest.raises(ValueError):
-        sweep.tile_shape(0)
+        sweep_plots.tile_shape(0)
 
 
 def _cells(rows: int, cols: int, batch: int, height: int, width: int) -> list[list[np.ndarray]]:
@@ -124,7 +127,7 @@ def _cells(rows: int, cols: int, batch: int, height: int, width: int) -> list[li
 @pytest.mark.parametrize(("batch", "height", "width"), [(1, 32, 32), (3, 24, 40), (4, 64, 48)])
 def test_grid_places_every_image_unchanged(batch, height, width):
     cells = _cells(2, 3, batch, height, width)
-    grid, layout = sweep.compose_grid(
+    grid, layout = sweep_plots.compose_grid(
         cells,
         row_labels=["CFG", "CFG + REG"],
         col_labels=["cfg 2", "cfg 4", "cfg 6"],
@@ -145,7 +148,7 @@ def test_grid_places_every_image_unchanged(batch, height, width):
             assert r1 <= l2 or r2 <= l1 or b1 <= t2 or b2 <= t1
     # Rows go down, columns go right, and the labels have room: the first image starts right of the row labels.
     assert layout.row_tops[0] < layout.row_tops[1] and layout.column_lefts[0] < layout.column_lefts[1]
-    label_width = render.font(sweep.LABEL_FONT).getbbox("CFG + REG")[2]
+    label_width = plots.font(sweep_plots.LABEL_FONT).getbbox("CFG + REG")[2]
     assert layout.column_lefts[0] > label_width
     # Text is drawn: dark pixels outside every image box.
     mask = np.ones(grid.shape[:2], bool)
@@ -157,17 +160,19 @@ def test_grid_places_every_image_unchanged(batch, height, width):
 def test_grid_columns_are_wide_enough_for_their_text():
     cells = _cells(1, 2, 1, 8, 8)
     caption = "a very long caption for an eight pixel image"
-    _, layout = sweep.compose_grid(cells, row_labels=["CFG"], col_labels=["cfg 2", "cfg 4"], captions=[[caption, "1"]])
-    widths = [render.font(sweep.CAPTION_FONT).getbbox(text)[2] for text in (caption, "1")]
+    _, layout = sweep_plots.compose_grid(
+        cells, row_labels=["CFG"], col_labels=["cfg 2", "cfg 4"], captions=[[caption, "1"]]
+    )
+    widths = [plots.font(sweep_plots.CAPTION_FONT).getbbox(text)[2] for text in (caption, "1")]
     centres = [left + layout.image_width / 2 for left in layout.column_lefts]
     assert centres[1] - centres[0] > (widths[0] + widths[1]) / 2  # centred captions do not overlap
-    assert centres[0] - widths[0] / 2 > render.font(sweep.LABEL_FONT).getbbox("CFG")[2]  # nor the row label
+    assert centres[0] - widths[0] / 2 > plots.font(sweep_plots.LABEL_FONT).getbbox("CFG")[2]  # nor the row label
     assert layout.width > centres[1] + widths[1] / 2
 
 
 def test_grid_downscales_to_max_side():
     cells = _cells(2, 4, 2, 300, 200)
-    grid, layout = sweep.compose_grid(
+    grid, layout = sweep_plots.compose_grid(
         cells,
         row_labels=["CFG", "CFG + REG"],
         col_labels=[f"cfg {c}" for c in range(4)],
@@ -183,16 +188,16 @@ def test_grid_downscales_to_max_side():
 
 def test_grid_input_errors():
     with pytest.raises(ValueError, match="one shape"):
-        sweep.compose_grid(
+        sweep_plots.compose_grid(
             [[np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 9, 3), np.uint8)]],
             row_labels=["a"],
             col_labels=["1", "2"],
             captions=[["", ""]],
         )
     with pytest.raises(ValueError, match="uint8 RGB"):
-        sweep.compose_grid([[np.zeros((1, 8, 8, 3))]], row_labels=["a"], col_labels=["1"], captions=[[""]])
+        sweep_plots.compose_grid([[np.zeros((1, 8, 8, 3))]], row_labels=["a"], col_labels=["1"], captions=[[""]])
     with pytest.raises(ValueError, match="match the grid"):
-        sweep.compose_grid(_cells(1, 1, 1, 4, 4), row_labels=["a", "b"], col_labels=["1"], captions=[[""]])
+        sweep_plots.compose_grid(_cells(1, 1, 1, 4, 4), row_labels=["a", "b"], col_labels=["1"], captions=[[""]])
 
 
 def test_module_is_pure():
@@ -211,9 +216,11 @@ def test_module_is_pure():
 
 
 def test_drawable_replaces_only_missing_glyphs():
-    assert sweep.drawable("CLIP score (torchmetrics, ×100) · seed 1") == "CLIP score (torchmetrics, x100) · seed 1"
-    assert sweep.drawable("−3 → 2 ≤ \u2603") == "-3 -> 2 <= ?"
-    assert sweep.drawable("plain ascii, 12.5") == "plain ascii, 12.5"
+    assert (
+        sweep_plots.drawable("CLIP score (torchmetrics, ×100) · seed 1") == "CLIP score (torchmetrics, x100) · seed 1"
+    )
+    assert sweep_plots.drawable("−3 → 2 ≤ \u2603") == "-3 -> 2 <= ?"
+    assert sweep_plots.drawable("plain ascii, 12.5") == "plain ascii, 12.5"
 
 
 def test_every_curve_is_at_the_same_guidance_weight():

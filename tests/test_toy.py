@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from reg_core import toy, toy_demo
+from reg_core import demo, toy
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -65,9 +65,9 @@ def test_optimal_guidance_vanishes_without_reward() -> None:
 
 
 def test_reg_is_closer_to_the_optimum_than_cfg_at_every_noise_level() -> None:
-    """The toy result (reg-math §11b): REG's guidance term is closer to σ²∇log E than CFG's, at every σ."""
+    """The toy result (README, "The exact toy"): REG's guidance term is closer to σ²∇log E than CFG's, at every σ."""
     t = toy.make_toy_2d()
-    rows = toy_demo.guidance_errors(t, 3.0, 300, torch.Generator().manual_seed(3))
+    rows = demo.guidance_errors(t, 3.0, 300, torch.Generator().manual_seed(3))
     for row in rows:
         assert row["reg"] < row["cfg"], row
     assert sum(r["cfg"] for r in rows) / sum(r["reg"] for r in rows) > 2.0
@@ -76,7 +76,7 @@ def test_reg_is_closer_to_the_optimum_than_cfg_at_every_noise_level() -> None:
 def test_samplers_reach_the_tilted_target_and_reg_beats_cfg() -> None:
     t = toy.make_toy_2d()
     gen = torch.Generator().manual_seed(4)
-    samples = toy_demo.run_samplers(t, 3.0, 400, 10, gen)
+    samples = demo.run_samplers(t, 3.0, 400, 10, gen)
     swgen = torch.Generator().manual_seed(5)
     dist = {k: toy.sliced_wasserstein(v, samples["target"], swgen) for k, v in samples.items() if k != "target"}
     floor = dist["target (2nd draw)"]
@@ -104,10 +104,15 @@ def test_sliced_wasserstein_of_a_shift_is_the_projected_shift() -> None:
         toy.sliced_wasserstein(a, a[:10], gen)
 
 
-def test_demo_writes_a_figure(tmp_path) -> None:
-    out = tmp_path / "toy.png"
-    assert toy_demo.main(["--points", "120", "--steps", "4", "--out", str(out)]) == 0
+def test_demo_writes_its_figures_where_told(tmp_path, monkeypatch) -> None:
+    out, diagnostics_out = tmp_path / "toy.png", tmp_path / "diagnostics.png"
+    monkeypatch.chdir(tmp_path)  # a default path would land here, and be caught below
+    args = ["--points", "120", "--steps", "4", "--out", str(out), "--diagnostics-out", str(diagnostics_out)]
+    assert demo.main(args) == 0
     from PIL import Image
 
     with Image.open(out) as image:
         assert image.size[0] > 1000 and image.size[1] > 600
+    with Image.open(diagnostics_out) as image:
+        assert image.size[0] > 500 and image.size[1] > 800
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnostics.png", "toy.png"]  # nothing else written

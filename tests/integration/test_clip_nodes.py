@@ -1,8 +1,8 @@
 """REGCLIPScoreLoader + REGCLIPScore through the real executor, scoring the VAEDecode output of a tiny SD1.5 workflow.
 
 The tiny random CLIP (tiny_clip.py) lives in a temporary folder registered under ``folder_paths`` "clip_score". The
-node outputs are compared with :mod:`reg_core.clip_score` imported from the repository (not through the pack) and run
-on a separately loaded copy of the same files.
+node outputs are compared with :mod:`reg_core.metrics.clip_score` imported from the repository (not through the
+pack) and run on a separately loaded copy of the same files.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 
 import pytest
 import tiny_clip
-import torch
 from comfy_harness import PromptExecutionError, PromptValidationError
 from prompts import decode, ksampler, sd15_inputs
 
@@ -47,8 +46,8 @@ def score_workflow(harness, tiny, *, model_name, prompt, truncation="torchmetric
 
 
 def core_result(clip_models, entry, images, prompts, truncation):
-    """reg_core.clip_score on the same images, with its own copy of the model loaded from the same files."""
-    from reg_core import clip_score as core
+    """reg_core.metrics.clip_score on the same images, with its own copy of the model loaded from the same files."""
+    from reg_core.metrics import clip_score as core
 
     scorer = core.load_clip_score_model(clip_models.path(entry), tokenizer_fallback=clip_models.tokenizer_dir)
     return core.compute_clip_score(scorer, images, prompts, truncation=truncation)
@@ -175,10 +174,22 @@ def test_unknown_model_name_is_a_clear_error(harness, tiny, clip_models):
         assert "into models/clip_score/ and refresh the node list" in message
 
 
-def test_scorer_is_cached_between_runs(harness, tiny, clip_models, reg_pack):
-    module = reg_pack.submodule("nodes.clip_score")
-    loader = module.REGCLIPScoreLoader
-    first = loader.execute(tiny_clip.FULL, "fp32").result[0]
-    second = loader.execute(tiny_clip.FULL, "fp32").result[0]
-    assert first is second
-    assert module.load_cached(clip_models.path(tiny_clip.FULL), "fp32", torch.device("cpu")) is first
+def test_scorer_is_managed_by_comfyui_and_freed_by_unload_all_models(harness, tiny, clip_models, reg_pack):
+    """The loaded scorer is a ComfyUI ModelPatcher: scoring loads it like any model, "free memory" unloads it."""
+    import comfy.model_management
+
+    def loaded(patcher) -> bool:
+        return any(entry.model is patcher for entry in comfy.model_management.current_loaded_models)
+
+    g, _, score = score_workflow(harness, tiny, model_name=tiny_clip.FULL, prompt=PROMPTS[0])
+    result = harness.run(g)
+    loader = next(node for node in g.nodes.values() if node.class_type == "REGCLIPScoreLoader")
+    managed = result.value(loader, 0)
+    assert managed.patcher.load_device == comfy.model_management.text_encoder_device()
+    assert managed.patcher.offload_device == comfy.model_management.text_encoder_offload_device()
+    assert managed.patcher.model.clip is managed.scorer.model
+    assert loaded(managed.patcher)  # listed by ComfyUI after scoring, with its size counted
+    assert managed.patcher.model_size() > 1_000_000
+    comfy.model_management.unload_all_models()
+    assert not loaded(managed.patcher)
+    assert result.value(score, 0) > 0

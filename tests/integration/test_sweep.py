@@ -86,9 +86,9 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def expected_grid(rows, images, scores, labels):
     """The grid drawn by reg_core.sweep from the reference images and scores (what the node must output)."""
-    from reg_core import sweep
+    from reg_core.plots import sweep as sweep_plots
 
-    grid, _ = sweep.compose_grid(
+    grid, _ = sweep_plots.compose_grid(
         [[to_uint8(images[r, c]) for c in range(len(CFGS))] for r in range(len(rows))],
         row_labels=labels,
         col_labels=[f"cfg {c:g}" for c in CFGS],
@@ -114,15 +114,15 @@ def cfg_reg(harness, tiny, clip_models):
 
 
 def test_outputs_have_the_right_shapes(cfg_reg):
-    from reg_core import render
+    from reg_core import plots
 
     result, node, _ = cfg_reg
     plot, grid = result.image(node, 0), result.image(node, 1)
     assert plot.shape == (1, 440, 720, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
     pixels = to_uint8(plot[0])
-    for colour in render.PALETTE[:2]:  # one curve per method
+    for colour in plots.PALETTE[:2]:  # one curve per method
         assert int(np.all(pixels == np.array(colour), axis=-1).sum()) > 50
-    assert int(np.all(pixels == np.array(render.PALETTE[2]), axis=-1).sum()) == 0
+    assert int(np.all(pixels == np.array(plots.PALETTE[2]), axis=-1).sum()) == 0
     assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3
     # 2 rows × 2 columns of 2 side-by-side 32×32 images plus labels.
     assert grid.shape[1] >= 2 * 32 + 40 and grid.shape[2] >= 2 * 2 * 32 + 60
@@ -188,6 +188,7 @@ def test_apg_and_pag_methods_match_core_nodes_with_reg(harness, tiny, clip_model
     }
     result = harness.run(g)
     from reg_core import sweep
+    from reg_core.plots import sweep as sweep_plots
 
     report = json.loads(result.value(node, 2))
     assert [r["method"] for r in report["runs"]] == ["apg_reg", "pag_reg"]
@@ -199,7 +200,7 @@ def test_apg_and_pag_methods_match_core_nodes_with_reg(harness, tiny, clip_model
         _, score = refs[run["method"]]
         want = json.loads(result.value(score, 1))["scores"]
         assert max(abs(a - b) for a, b in zip(run["scores"], want, strict=True)) <= 1e-3
-    want_grid, _ = sweep.compose_grid(
+    want_grid, _ = sweep_plots.compose_grid(
         [[to_uint8(result.image(refs[run["method"]][0]))] for run in report["runs"]],
         row_labels=["APG + REG", "PAG + REG"],
         col_labels=["cfg 3"],
@@ -379,7 +380,7 @@ def test_reg_already_on_the_model_is_replaced_by_the_sweeps_own(tiny, reg_pack):
     runtime, sweep_node = reg_pack.submodule("nodes.reg_runtime"), reg_pack.submodule("nodes.sweep")
     model = _loaded(tiny)[0]
     patched = nodes.NODE_CLASS_MAPPINGS["REGGuidance"].execute(model, **REG).result[0]
-    kinds = (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE, WrappersMP.CALC_COND_BATCH, WrappersMP.DIFFUSION_MODEL)
+    kinds = runtime.WRAPPER_KINDS
     assert all(patched.get_wrappers(kind, runtime.WRAPPER_KEY) for kind in kinds)
     base = sweep_node._strip_reg(patched)
     assert not any(base.get_wrappers(kind, runtime.WRAPPER_KEY) for kind in kinds)  # "cfg" really is plain CFG
@@ -397,6 +398,8 @@ def test_reg_already_on_the_model_is_replaced_by_the_sweeps_own(tiny, reg_pack):
         len(apg_model.model_options["sampler_pre_cfg_function"])
         == len(base.model_options.get("sampler_pre_cfg_function", [])) + 1
     )
+    assert apg_model.model_options["disable_cfg1_optimization"] is True  # APG at scale 1 keeps its negative pass
+    assert "disable_cfg1_optimization" not in base.model_options
     pag_model = sweep_node.patched_model(base, "pag_reg", settings, apg, pag)
     assert (
         len(pag_model.model_options["sampler_post_cfg_function"])

@@ -1,8 +1,8 @@
-"""REG on the built-in exact 2-D toy: ``python -m reg_core.toy_demo`` (the README's first Quick-start command).
+"""REG on the built-in exact 2-D toy: ``python -m reg_core.demo`` (the README's first Quick-start command).
 
 Prints, per noise level, the mean error of the CFG and REG guidance terms against the exact optimal guidance
-(reg-math §11b), then the sliced Wasserstein distance of unguided, CFG-, REG- and optimally guided samples to the
-exact tilted target, and writes a figure (vector fields and samples side by side). No ComfyUI, no downloads.
+(README, "The exact toy"), then the sliced Wasserstein distance of unguided, CFG-, REG- and optimally guided samples
+to the exact tilted target, and writes a figure (vector fields and samples side by side). No ComfyUI, no downloads.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import diagnostics, render, toy
+from . import diagnostics, plots, toy
+from .plots import diagnostics as diagnostic_plots
 from .rectify import Estimator, rectify, reg_factor_vjp
 
-log = logging.getLogger("reg_core.toy_demo")
+log = logging.getLogger(__name__)
 
 TABLE_SIGMAS = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.5, 4.0)
 
@@ -69,7 +70,7 @@ def run_samplers(t: toy.ConditionalToy, w: float, n: int, steps: int, gen: torch
 def figure(t: toy.ConditionalToy, w: float, samples: dict[str, torch.Tensor], sigma: float) -> Image.Image:
     """Top: guidance fields (CFG, REG, optimal) and REG's factor M at ``sigma``; bottom: samples vs target."""
     size, pad, top = 300, 70, 60
-    image = Image.new("RGB", (4 * (size + pad) + pad, 2 * (size + pad) + top), render.WHITE)
+    image = Image.new("RGB", (4 * (size + pad) + pad, 2 * (size + pad) + top), plots.WHITE)
     lim = (-2.0, 2.0)
     axis = torch.linspace(-1.8, 1.8, 15, dtype=torch.float64)
     grid = torch.stack([g.reshape(-1) for g in torch.meshgrid(axis, axis, indexing="xy")], dim=-1)
@@ -83,8 +84,8 @@ def figure(t: toy.ConditionalToy, w: float, samples: dict[str, torch.Tensor], si
     backdrop = samples["target"][:1500].numpy()
     for col, (name, field) in enumerate(fields.items()):
         box = (pad + col * (size + pad), top, pad + col * (size + pad) + size, top + size)
-        panel = render.Panel(image, box, lim, lim).scatter(backdrop, (215, 215, 215), 1.2)
-        panel.arrows(grid.numpy(), field.numpy(), render.PALETTE[col], scale=scale, cap=0.3)
+        panel = plots.Panel(image, box, lim, lim).scatter(backdrop, (215, 215, 215), 1.2)
+        panel.arrows(grid.numpy(), field.numpy(), plots.PALETTE[col], scale=scale, cap=0.3)
         panel.frame(f"{name} guidance at sigma = {sigma}")
     fine = torch.linspace(-1.8, 1.8, 60, dtype=torch.float64)
     fgrid = torch.stack([g.reshape(-1) for g in torch.meshgrid(fine, fine, indexing="xy")], dim=-1).requires_grad_(True)
@@ -92,11 +93,11 @@ def figure(t: toy.ConditionalToy, w: float, samples: dict[str, torch.Tensor], si
     mean_m = mf.mean(1).reshape(60, 60).flip(0).numpy()
     lo, hi = float(mean_m.min()), float(mean_m.max())
     x0 = pad + 3 * (size + pad)
-    image.paste(render.heatmap(mean_m, lo, hi, (size, size)), (x0, top))
-    render.Panel(image, (x0, top, x0 + size, top + size), lim, lim).frame(
+    image.paste(plots.heatmap(mean_m, lo, hi, (size, size)), (x0, top))
+    plots.Panel(image, (x0, top, x0 + size, top + size), lim, lim).frame(
         f"REG factor M (mean over x, y), sigma = {sigma}"
     )
-    image.paste(render.colorbar(lo, hi, size - 20), (x0 + size + 4, top))
+    image.paste(plots.colorbar(lo, hi, size - 20), (x0 + size + 4, top))
     names = ["CFG", "REG", "optimal", "target"]
     for col, name in enumerate(names):
         box = (
@@ -105,15 +106,15 @@ def figure(t: toy.ConditionalToy, w: float, samples: dict[str, torch.Tensor], si
             pad + col * (size + pad) + size,
             2 * top + 2 * size + pad - 10,
         )
-        panel = render.Panel(image, box, lim, lim)
-        panel.scatter(samples[name][:1500].numpy(), render.PALETTE[col] if col < 3 else render.BLACK, 1.2)
+        panel = plots.Panel(image, box, lim, lim)
+        panel.scatter(samples[name][:1500].numpy(), plots.PALETTE[col] if col < 3 else plots.BLACK, 1.2)
         panel.frame(f"{name} samples" if name != "target" else "exact tilted target")
     ImageDraw.Draw(image).text(
         (pad, 8),
         f"REG on the exact 2-D toy, w = {w:g} (cfg {w + 1:g}). Grey: exact tilted target. Arrows: guidance"
         " term D - D_c on one common scale (capped).",
-        fill=render.BLACK,
-        font=render.font(15),
+        fill=plots.BLACK,
+        font=plots.font(15),
     )
     return image
 
@@ -148,9 +149,9 @@ def image_toy_record(w: float, steps: int, gen: torch.Generator, batch: int = 2)
 
 def diagnostics_figure(record: diagnostics.RunRecord) -> Image.Image:
     """The pack's REGDiagnostics pictures (statistics over the run, M maps at six steps) stacked in one image."""
-    stats = diagnostics.render_statistics(record)
-    maps = diagnostics.render_maps(record, diagnostics.pick_steps(record), cell=110)
-    image = Image.new("RGB", (max(stats.width, maps.width), stats.height + maps.height), render.WHITE)
+    stats = diagnostic_plots.render_statistics(record)
+    maps = diagnostic_plots.render_maps(record, diagnostics.pick_steps(record), cell=110)
+    image = Image.new("RGB", (max(stats.width, maps.width), stats.height + maps.height), plots.WHITE)
     image.paste(stats, (0, 0))
     image.paste(maps, (0, stats.height))
     return image

@@ -1,4 +1,4 @@
-"""Minimal raster plotting with Pillow: line plots, scatter plots, vector fields and heatmaps.
+"""Minimal raster plotting with Pillow: line plots, scatter plots, vector fields, heatmaps and text panels.
 
 Used by the toy demo and by the pack's in-graph plots, so that neither needs matplotlib. Pure Pillow + numpy; no
 ComfyUI import. Every function draws into a ``PIL.Image`` and returns it (or a panel bound to one).
