@@ -95,7 +95,8 @@ def make_denoiser(seed: int = 0) -> TinyDenoiser:
 
 @contextlib.contextmanager
 def graph_mode():
-    """REG's escape from the sampler's inference mode (comfyui-integration.md §6)."""
+    """REG's escape from the sampler's inference mode (ComfyUI samples under ``torch.inference_mode``; the runtime
+    leaves it for the traced pass)."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
 

@@ -1,7 +1,8 @@
 """Guidance combiners on denoised predictions: the guided ``D_guided`` that REG rectifies.
 
 Scale conventions: ComfyUI's ``cfg`` is uncond-anchored, ``D_u + s·(D_c − D_u)``; the paper's REG weight is
-cond-anchored, ``D_c + w·(D_c − D_u)``; they are the same prediction for ``w = s − 1`` (reg-math §3).
+cond-anchored, ``D_c + w·(D_c − D_u)``; they are the same prediction for ``w = s − 1``, since
+``D_u + s·(D_c − D_u) = D_c + (s − 1)·(D_c − D_u)``. ComfyUI's APG scale (and :class:`APG`'s) is cond-anchored.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Rectified Gradient Guidance (Gao et al., ICML 2025, arXiv 2501.18865) multiplies the guidance difference element-wise
 by ``M = 1 − σ_t ∇_{x_t} Σ ε_c`` (paper, ε-form, DDPM space). Written for a denoiser ``D(x, σ)`` in the sampler's own
-space (ComfyUI's ``input``; see docs/reg-math.md §4) the same factor is
+space (ComfyUI's ``input``; README, "What REG does") the same factor is
 
     M = a(σ) · ∇_x Σ_i D_c,i(x, σ)          a = 1 (VE-space: EPS, V, EDM, X0),   a = 1 − σ (CONST / flow)
 
@@ -57,7 +57,7 @@ def per_sample(values: Tensor | float, like: Tensor) -> Tensor:
 
 
 def flow_factor(sigma: Tensor | float, like: Tensor, flow: bool) -> Tensor:
-    """The space factor ``a(σ)`` of reg-math §4: ``1`` for VE-space models, ``1 − σ`` for CONST (flow) models.
+    """The space factor ``a(σ)`` (README, "What REG does"): ``1`` for VE-space models, ``1 − σ`` for CONST (flow).
 
     For flow models ``x = (1−σ)x0 + σε``; the VE state is ``x/(1−σ)``, so ``∇_{x_VE} = (1−σ)∇_x``.
     """
@@ -78,7 +78,8 @@ def column_sums(d_c: Tensor, x: Tensor, *, retain_graph: bool = False) -> Tensor
 def chain_product(d_c: Tensor, x: Tensor, delta: Tensor) -> Tensor:
     """``Jᵀδ``: the exact chain-rule vector-Jacobian product of the conditional denoiser with the guidance delta.
 
-    This is the term that the paper approximates by ``(Jᵀ𝟙) ⊙ δ`` (reg-math §2 step 3 and §7).
+    This is the term that the paper approximates by ``(Jᵀ𝟙) ⊙ δ``: the column sums times ``δ`` instead of the chain
+    rule.
     """
     (grad,) = torch.autograd.grad(d_c, x, grad_outputs=delta.to(d_c.dtype))
     return grad
@@ -93,7 +94,7 @@ def denoise_with_graph(denoise: Denoiser, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def reg_factor_vjp(denoise: Denoiser, x: Tensor, sigma: Tensor | float, *, flow: bool = False) -> tuple[Tensor, Tensor]:
-    """``(D_c, M)`` with ``M = a(σ)·∇_x Σ D_c(x)`` computed exactly by one VJP (reg-math §4).
+    """``(D_c, M)`` with ``M = a(σ)·∇_x Σ D_c(x)`` computed exactly by one VJP (README, "What REG does").
 
     Returns detached tensors; the graph is freed before returning.
     """
@@ -125,9 +126,10 @@ def reg_factor_fd(
 ) -> tuple[Tensor, Tensor]:
     """``(D_c, M)`` with ``M ≈ a(σ)·J𝟙`` from one forward difference ``(D_c(x + h𝟙) − D_c(x)) / h``.
 
-    Gradient-free (reg-math §8): no autograd graph, so it works inside ``torch.inference_mode`` and with weights
-    that cannot be differentiated. It equals the VJP estimator ``a·Jᵀ𝟙`` whenever the Jacobian is symmetric, which
-    holds for the exact denoiser (second-order Tweedie: ``J = Cov[x0|x]/σ²``), up to the O(h) difference error.
+    Gradient-free (README, "Gradient-free vs exact, and `refresh_every`"): no autograd graph, so it works inside
+    ``torch.inference_mode`` and with weights that cannot be differentiated. It equals the VJP estimator ``a·Jᵀ𝟙``
+    whenever the Jacobian is symmetric, which holds for the exact denoiser (second-order Tweedie:
+    ``J = Cov[x0|x]/σ²``), up to the O(h) difference error.
     Pass ``d_c`` when ``D_c(x)`` is already known, to spend a single extra forward.
     """
     if d_c is None:
@@ -150,14 +152,15 @@ def is_fresh_evaluation(evaluation: int, refresh_every: int) -> bool:
 
 
 def blend_factor(m: Tensor, strength: float) -> Tensor:
-    """Strength blend ``M_λ = 1 + λ(M − 1)`` (reg-math §6): λ = 0 is plain guidance, 1 is REG, > 1 extrapolates."""
+    """Strength blend ``M_λ = 1 + λ(M − 1)`` (README, "What REG does"): λ = 0 is plain guidance, 1 is REG, > 1
+    extrapolates."""
     if strength == 1:
         return m
     return 1 + strength * (m - 1)
 
 
 def rectify(d_c: Tensor, d_guided: Tensor, m: Tensor, strength: float = 1.0) -> Tensor:
-    """REG in denoised space: ``D_c + M_λ ⊙ (D_guided − D_c)`` (reg-math §4 with the §6 blend).
+    """REG in denoised space: ``D_c + M_λ ⊙ (D_guided − D_c)`` (README, "What REG does", with the strength blend).
 
     ``strength == 0`` returns ``d_guided`` itself, bit for bit.
     """
@@ -167,7 +170,7 @@ def rectify(d_c: Tensor, d_guided: Tensor, m: Tensor, strength: float = 1.0) -> 
 
 
 def rectify_chain(d_c: Tensor, d_guided: Tensor, jt_delta: Tensor, factor: Tensor, strength: float = 1.0) -> Tensor:
-    """Chain-rule variant: ``(1−λ)·D_guided + λ·(D_c + a·Jᵀ(D_guided − D_c))`` (reg-math §7, "full chain rule").
+    """Chain-rule variant: ``(1−λ)·D_guided + λ·(D_c + a·Jᵀ(D_guided − D_c))`` (the full chain rule; an ablation).
 
     ``jt_delta`` is :func:`chain_product` of ``D_guided − D_c``; ``factor`` is :func:`flow_factor`.
     """

@@ -1,4 +1,4 @@
-"""The REG paper's guidance-weight schedules (zhengqigao/REG, DiT/EDM2/diffusers scripts; reg-math §9).
+"""The REG paper's guidance-weight schedules (zhengqigao/REG, DiT/EDM2/diffusers scripts).
 
 Conventions, fixed here once:
 
@@ -8,7 +8,7 @@ Conventions, fixed here once:
   ``steps`` — the step fraction ``i / (N − 1)`` over the sampler's σ list; ``sigma`` — EDM2's
   ``1 − σ/σ_max``.
 - The paper's linear schedule is written here as what its authors evidently meant, ``w_start → w_end`` over progress
-  (the DiT script's end points are mislabelled, see reg-math §9); the cosine schedule is MDT's
+  (the DiT script's end points are mislabelled); the cosine schedule is MDT's
   ``½·w·(1 − cos(π·p^k))``, rising from 0 to ``w``; the interval schedule is Kynkäänniemi et al. (2024): full weight
   inside a σ window and the conditional prediction alone outside.
 """

@@ -3,9 +3,10 @@
 With data ``x0 ~ Σ_k π_k N(μ_k, Σ_k)`` and ComfyUI's VE state ``x = x0 + σε``, everything REG needs is exact:
 
 - the denoiser is the posterior mean ``D(x, σ) = Σ_k r_k(x)·(μ_k + Σ_k(Σ_k + σ²I)⁻¹(x − μ_k))`` with responsibilities
-  ``r_k ∝ π_k N(x; μ_k, Σ_k + σ²I)``; its Jacobian ``Cov[x0|x]/σ²`` is symmetric (reg-math §8);
+  ``r_k ∝ π_k N(x; μ_k, Σ_k + σ²I)``; its Jacobian ``Cov[x0|x]/σ²`` is symmetric (second-order Tweedie);
 - the posterior ``p(x0|x)`` is again a Gaussian mixture, so the paper's optimal guidance
-  ``σ²∇_x log E_σ(x)``, ``E_σ(x) = E_{p(x0|x,y)}[R_0(x0)]``, ``R_0 = (p(x0|y)/p(x0))^w`` (reg-math §2, §11b), is a
+  ``σ²∇_x log E_σ(x)``, ``E_σ(x) = E_{p(x0|x,y)}[R_0(x0)]``, ``R_0 = (p(x0|y)/p(x0))^w`` (Gao et al. 2025; README,
+  "The exact toy"), is a
   per-component Gaussian integral, done here by Gauss–Hermite quadrature;
 - the tilted target ``p̄(x0) ∝ p(x0|y)·R_0(x0)`` is what the optimally guided probability-flow ODE samples.
 
@@ -108,7 +109,7 @@ class ConditionalToy:
     uncond: GaussianMixture
 
     def log_reward(self, x0: Tensor, w: float) -> Tensor:
-        """``log R_0 = w·(log p(x0|y) − log p(x0))``: the CFG-implied terminal reward (reg-math §2)."""
+        """``log R_0 = w·(log p(x0|y) − log p(x0))``: the CFG-implied terminal reward (Gao et al. 2025)."""
         return w * (self.cond.log_prob(x0) - self.uncond.log_prob(x0))
 
     def tilted_log_density(self, x0: Tensor, w: float) -> Tensor:
@@ -120,7 +121,7 @@ def make_toy_2d(dtype: torch.dtype = torch.float64) -> ConditionalToy:
     """The built-in 2-D toy: three classes of two Gaussians each, class 0 is the condition, classes overlap.
 
     Overlap matters: with separated classes ``R_0`` is constant on the condition's support and the optimal
-    guidance vanishes (reg-math §11b).
+    guidance vanishes (README, "The exact toy").
     """
 
     def cov(a: float, b: float, rho: float) -> list[list[float]]:
@@ -143,7 +144,7 @@ def make_toy_2d(dtype: torch.dtype = torch.float64) -> ConditionalToy:
 
 
 def make_toy_1d(dtype: torch.dtype = torch.float64) -> ConditionalToy:
-    """A 1-D toy with the shape of zhengqigao/REG's ``1d-toy`` data (reg-math §11).
+    """A 1-D toy with the shape of zhengqigao/REG's ``1d-toy`` data.
 
     cond ``½N(0.5, 0.25²) + ½N(1.5, 0.25²)``; the unconditional mixture adds an equally likely second class
     ``½N(−2, 0.5²) + ½N(0, 0.5²)``.
@@ -177,7 +178,7 @@ def gauss_hermite(order: int, dim: int, dtype: torch.dtype = torch.float64) -> t
 
 
 def log_expected_reward(toy: ConditionalToy, x: Tensor, sigma: float, w: float, order: int = 16) -> Tensor:
-    """``log E_σ(x) = log E_{p(x0|x,y)}[R_0(x0)]`` (reg-math §2: the Doob h-transform's expected terminal reward).
+    """``log E_σ(x) = log E_{p(x0|x,y)}[R_0(x0)]`` (Gao et al. 2025: the Doob h-transform's expected terminal reward).
 
     Exact up to quadrature: each posterior component ``N(m_k(x), C_k)`` is integrated with ``order``-point
     Gauss–Hermite per dimension; differentiable in ``x``.
@@ -195,7 +196,7 @@ def log_expected_reward(toy: ConditionalToy, x: Tensor, sigma: float, w: float, 
 def optimal_denoiser(toy: ConditionalToy, x: Tensor, sigma: float, w: float, order: int = 16) -> Tensor:
     """The optimally guided denoiser ``D_c + σ²∇_x log E_σ(x)``.
 
-    It is the posterior mean under the tilted joint (reg-math §2, §11b).
+    It is the posterior mean under the tilted joint (Gao et al. 2025; README, "The exact toy").
     """
     leaf = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():

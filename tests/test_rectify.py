@@ -43,7 +43,7 @@ def test_m_equals_official_eps_formula_after_conversion_to_ve() -> None:
 
 
 def test_m_is_the_same_tensor_from_eps_x0_v_and_flow_parametrisations() -> None:
-    """reg-math §5: with x_t = a x0 + b ε, M = 1 − b∇Σε̂ = a∇Σx̂0 = a(a − b∇Σv̂) (a²+b²=1),
+    """With x_t = a x0 + b ε, M = 1 − b∇Σε̂ = a∇Σx̂0 = a(a − b∇Σv̂) (a²+b²=1),
     and the same tensor through ComfyUI's VE and CONST routes."""
     d = 12
     net = random_net(d, 3)
@@ -80,7 +80,7 @@ def test_m_is_the_same_tensor_from_eps_x0_v_and_flow_parametrisations() -> None:
 
 
 def test_flow_guard_naive_velocity_formula_is_off_by_one_minus_sigma() -> None:
-    """Copying the ε formula onto a velocity (1 − σ∇Σv) over-guides by 1/(1−σ) (reg-math §5 pitfall)."""
+    """Copying the ε formula onto a velocity (1 − σ∇Σv) over-guides by 1/(1−σ)."""
     d, sigma = 6, 0.7
     net = random_net(d, 5)
     x = torch.randn(2, d, generator=torch.Generator().manual_seed(6))
@@ -96,7 +96,7 @@ def test_flow_guard_naive_velocity_formula_is_off_by_one_minus_sigma() -> None:
 
 
 def test_affine_denoiser_gives_column_sums_and_chain_rule_exactly() -> None:
-    """D(x) = Ax + c ⇒ M = Aᵀ𝟙 and the chain variant adds Aᵀδ (reg-math §13.2)."""
+    """D(x) = Ax + c ⇒ M = Aᵀ𝟙 and the chain variant adds Aᵀδ."""
     gen = torch.Generator().manual_seed(7)
     a_mat, c = torch.randn(5, 5, generator=gen), torch.randn(5, generator=gen)
     x = torch.randn(2, 5, generator=gen)
@@ -133,7 +133,7 @@ def test_strength_zero_is_plain_guidance_bit_for_bit_and_one_is_reg() -> None:
 
 @pytest.mark.parametrize("flow", [False, True])
 def test_gaussian_data_closed_form_m_goes_to_zero_at_high_noise(flow: bool) -> None:
-    """Gaussian data N(μ, s²I): M = SNR·s²/(1+SNR·s²) (reg-math §8); → 0 as noise grows, → 1 as it vanishes."""
+    """Gaussian data N(μ, s²I): M = SNR·s²/(1+SNR·s²) (ideal denoiser); → 0 as noise grows, → 1 as it vanishes."""
     s2 = 0.3**2
     mixture = toy.GaussianMixture(torch.ones(1), torch.tensor([[0.4, -0.2, 0.1]]), s2 * torch.eye(3)[None])
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(11))
@@ -187,7 +187,7 @@ def test_gradient_free_differs_from_vjp_on_a_non_symmetric_network() -> None:
 
 
 def test_three_estimators_differ_in_general_and_coincide_in_one_dimension() -> None:
-    """reg-math §7/§13.9: (Jᵀ𝟙)⊙δ, Jᵀδ and J𝟙⊙δ differ on a random MLP; in 1-D J is a scalar and all agree."""
+    """(Jᵀ𝟙)⊙δ, Jᵀδ and J𝟙⊙δ differ on a random MLP; in 1-D J is a scalar and all agree."""
     for d, should_agree in ((6, False), (1, True)):
         net = random_net(d, 15)
         x = torch.randn(4, d, generator=torch.Generator().manual_seed(16))
@@ -206,4 +206,4 @@ def test_three_estimators_differ_in_general_and_coincide_in_one_dimension() -> N
 
 
 def test_estimator_names_are_the_node_options() -> None:
-    assert [e.value for e in Estimator] == ["vjp", "gradient-free", "chain"]
+    assert [e.value for e in Estimator] == ["vjp", "vjp-low-memory", "gradient-free", "chain"]
