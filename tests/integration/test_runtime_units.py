@@ -109,3 +109,35 @@ def test_scheduled_apg_follows_the_same_weights_as_scheduled_cfg(harness, tiny, 
     apg = guider_run(harness, tiny, cfg=3.0, base="apg", steps=4, **sched, end_cfg=apg_end)
     cfg = guider_run(harness, tiny, cfg=4.0, base="cfg", steps=4, **sched, end_cfg=cfg_end)
     assert torch.allclose(apg, cfg, atol=1e-4), float((apg - cfg).abs().max())
+
+
+def test_schedule_warns_once_per_run_under_a_guider_without_one_cfg(harness, tiny, caplog):
+    """DualCFGGuider has two scales: the schedule says it is ignored once in each run, also when ComfyUI's cache
+    serves the same scheduled model (the same patch) to the second run."""
+    import logging
+
+    def graph(seed):
+        g = harness.graph()
+        inp = sd15_inputs(g, tiny)
+        schedule = {**SCHEDULE, "schedule": "cosine", "progress": "steps"}
+        scheduled = g.node("REGGuidanceSchedule", model=inp.model, **schedule)
+        guider = g.node(
+            "DualCFGGuider",
+            model=scheduled.out(0),
+            cond1=inp.positive,
+            cond2=inp.negative,
+            negative=inp.negative,
+            cfg_conds=3.0,
+            cfg_cond2_negative=2.0,
+            style="regular",
+        )
+        return g, scheduled, custom_advanced(g, inp, guider=guider.out(0), steps=3, seed=seed)
+
+    with caplog.at_level(logging.WARNING, logger="reg_guidance"):
+        first, scheduled, _ = graph(1)
+        harness.run(first, cached=True)
+        second, _, sampler = graph(2)
+        result = harness.run(second, cached=True)
+    assert scheduled.id in result.cached and sampler.id in result.executed  # one patch, two runs
+    warnings = [r for r in caplog.records if "has no single cfg scale" in r.getMessage()]
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]
