@@ -113,7 +113,6 @@ class ComfyBench:
         folder_paths.set_temp_directory(str(root / "temp"))
         folder_paths.set_input_directory(str(root / "input"))
         self.pack = comfy_harness.load_pack(REPO, root / "custom_nodes")
-        self.runtime = self.pack.submodule("nodes.reg_runtime")
         self.rectify = self.pack.submodule("reg_core.rectify")
         self.diagnostics = self.pack.submodule("reg_core.diagnostics")
         self._tiny = None
@@ -123,35 +122,18 @@ class ComfyBench:
         self.attention = attention_module.optimized_attention.__name__
         self.families: dict[str, Family] = {}
 
-    def runtime_function(self, name: str) -> Callable[..., Any]:
-        """A helper of the pack's runtime by name, wherever the runtime keeps it (its modules are being split:
-        nodes.traced_pass and nodes.estimators, formerly all in nodes.reg_runtime)."""
-        import importlib.util
-
-        for module in ("nodes.traced_pass", "nodes.estimators", "nodes.reg_runtime"):
-            if importlib.util.find_spec(f"{self.pack.module_name}.{module}") is None:
-                continue
-            found = getattr(self.pack.submodule(module), name, None) or getattr(
-                self.pack.submodule(module), name.lstrip("_"), None
-            )
-            if found is not None:
-                return found
-        raise AttributeError(f"the pack's runtime has no {name}")
-
     def make_differentiable(self, base: Any, conds: list[Any]) -> None:
         """The runtime's de-inference of the weights (what REG does before its first traced pass)."""
-        import inspect
+        import comfy.model_management
 
-        modules = self.runtime_function("_differentiable_modules")(base, conds)
-        convert = self.runtime_function("make_differentiable")
-        if len(inspect.signature(convert).parameters) == 2:  # (modules, compute device)
-            convert(modules, base.load_device if hasattr(base, "load_device") else next(base.parameters()).device)
-        else:
-            convert(modules)
+        traced_pass = self.pack.submodule("nodes.traced_pass")
+        modules = traced_pass.differentiable_modules(base, conds)
+        traced_pass.make_differentiable(modules, comfy.model_management.get_torch_device())
 
     def fd_step(self, base: Any, s: torch.Tensor, x: torch.Tensor, flow: bool) -> torch.Tensor:
         """The runtime's finite-difference probe step for this model's compute dtype."""
-        return self.rectify.fd_step(s, x, flow=flow, relative=self.runtime_function("fd_relative_step")(base))
+        relative = self.pack.submodule("nodes.estimators").fd_relative_step(base)
+        return self.rectify.fd_step(s, x, flow=flow, relative=relative)
 
     @property
     def tiny(self) -> Any:

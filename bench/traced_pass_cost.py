@@ -142,7 +142,8 @@ def _pass(model, x, conds, mode: str, tp):
     if mode == "plain":
         scope = contextlib.nullcontext()
     else:
-        scope = tp.TracedPass(model.diffusion_model, list(model.parameters()), checkpoint=mode == "low-memory")
+        weights = list(model.parameters())
+        scope = tp.TracedPass(model.diffusion_model, weights, checkpoint=mode == "low-memory", copy=False)
     with torch.enable_grad(), scope:
         leaf = x.clone().requires_grad_(True)
         d = model.apply_model(leaf, sigma, c_crossattn=context, **kwargs)

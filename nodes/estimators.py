@@ -21,7 +21,7 @@ import torch
 from ..reg_core import rectify
 from ..reg_core.rectify import Estimator
 from .common import LOGGER_NAME
-from .traced_pass import NoGraphError, TracedPass, differentiable_modules, make_differentiable
+from .traced_pass import InPlaceUpdateError, NoGraphError, TracedPass, differentiable_modules, make_differentiable
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -130,9 +130,14 @@ def _copy_after_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor
 
 @dataclass
 class Traced:
-    """The differentiated forward shared by the exact estimators (weights made differentiable once per run)."""
+    """The differentiated forward shared by the exact estimators (weights made differentiable once per run).
+
+    ``copy``: whether the saved-tensor guard keeps private copies (see :class:`nodes.traced_pass.SavedTensorGuard`);
+    it starts off and is switched on for the rest of the run the first time the network overwrites a saved tensor.
+    """
 
     checkpoint: bool
+    copy: bool = False
     prepared: bool = False
 
     def open(self, cond_pass: CondPass) -> TracedPass:
@@ -141,7 +146,18 @@ class Traced:
             make_differentiable(modules, comfy.model_management.get_torch_device())
             self.prepared = True
         weights = [t for module in modules for t in (*module.parameters(), *module.buffers())]
-        return TracedPass(cond_pass.model.diffusion_model, weights, checkpoint=self.checkpoint)
+        return TracedPass(cond_pass.model.diffusion_model, weights, checkpoint=self.checkpoint, copy=self.copy)
+
+    def retrying_in_place(self, attempt: Callable[[], Any]) -> Any:
+        """``attempt()``, repeated once with private copies if the network overwrote a tensor it had saved."""
+        try:
+            return attempt()
+        except InPlaceUpdateError:
+            if self.copy:
+                raise
+            self.copy = True
+            log.info("REG: the network overwrites tensors it saved for the backward; the traced pass keeps copies.")
+            return attempt()
 
     @staticmethod
     def forward(cond_pass: CondPass, traced: TracedPass) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,13 +192,15 @@ class ExactVJP:
     def kind(self) -> Estimator:
         return Estimator.VJP_LOW_MEMORY if self.checkpoint else Estimator.VJP
 
-    def evaluate(self, cond_pass: CondPass) -> tuple[list[torch.Tensor], Estimate]:
+    def _factor(self, cond_pass: CondPass) -> tuple[torch.Tensor, torch.Tensor]:
         with self.traced.open(cond_pass) as traced:
             d_c, leaf = Traced.forward(cond_pass, traced)
             m = rectify.column_sums(d_c, leaf) * cond_pass.factor
-            self.graph_bytes = traced.guard.copied_bytes
-        d_c = d_c.detach()
-        del leaf
+            self.graph_bytes = traced.guard.saved_bytes
+        return d_c.detach(), m
+
+    def evaluate(self, cond_pass: CondPass) -> tuple[list[torch.Tensor], Estimate]:
+        d_c, m = self.traced.retrying_in_place(lambda: self._factor(cond_pass))
         outputs = cond_pass.with_positive(d_c, cond_pass.run(cond_pass.others()))
         return outputs, FactorEstimate(d_c, m)
 
@@ -206,6 +224,7 @@ class AutoVJP:
         if self.measured is None:
             result = self.bounded.evaluate(cond_pass)
             self.measured = self.bounded.graph_bytes
+            self.plain.traced.copy = self.bounded.traced.copy  # what the first pass learnt about the network
             return result
         free = comfy.model_management.get_free_memory(cond_pass.x.device)
         if self.measured * 1.25 < free:
@@ -232,7 +251,7 @@ class AutoVJP:
 class Chain:
     """The full chain rule ``D_c + a·Jᵀ(D_guided − D_c)`` (an ablation): the graph is kept until the step's end."""
 
-    traced: Traced = field(default_factory=lambda: Traced(checkpoint=False))
+    traced: Traced = field(default_factory=lambda: Traced(checkpoint=False, copy=True))  # no retry: backward later
     kind: Estimator = Estimator.CHAIN
 
     def evaluate(self, cond_pass: CondPass) -> tuple[list[torch.Tensor], Estimate]:

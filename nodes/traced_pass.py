@@ -8,8 +8,8 @@ paper eq. 12), :class:`TracedPass` switches, and always restores, also on error 
 - inference mode off and autograd on;
 - ComfyUI's own ``comfy.model_management.in_training`` flag, which makes the models take their plain-torch code paths
   (the custom kernels have no autograd formula);
-- a saved-tensor guard (:class:`SavedTensorGuard`) that gives autograd private copies of what in-place updates or
-  reused cast buffers would otherwise overwrite;
+- a saved-tensor guard (:class:`SavedTensorGuard`) that notices tensors overwritten before the backward read them
+  (in-place updates, reused cast buffers) and, for networks that do that, gives autograd private copies;
 - a gradient audit (:class:`GradientAudit`) that notices layers that silently drop out of the graph (quantised
   layers, detached outputs), so M is never computed from a partial Jacobian without a word;
 - optionally, per-block recomputation (:class:`BlockCheckpointing`) that bounds the saved activations.
@@ -101,40 +101,53 @@ def make_differentiable(modules: Iterable[torch.nn.Module], device: torch.device
     return len(replacements)
 
 
-class SavedTensorGuard:
-    """``saved_tensors_hooks`` that keep what autograd saved for backward exactly as it was when saved.
+class InPlaceUpdateError(NoGraphError):
+    """A tensor saved for the backward was written before the backward read it (an in-place update, a reused buffer)."""
 
-    Rule: a saved tensor that depends on the input (it requires grad) or that ComfyUI may overwrite before the
-    backward (a weight cast into a shared per-stream buffer, any other non-parameter tensor) is saved as a private
-    copy, made once per tensor version and shared by every op that saves it. A model parameter is saved as is (it is
-    not written during a pass; copying it would duplicate the weights) and its version is checked when the backward
-    reads it: a parameter written in between raises :class:`NoGraphError` instead of giving a wrong gradient.
+
+class SavedTensorGuard:
+    """``saved_tensors_hooks`` that make sure the backward reads what the forward saved, never something overwritten.
+
+    Two modes. ``copy=False``, how every exact estimator starts: tensors are saved as they are (no cost) and each
+    one's version is checked when the backward reads it, as autograd itself would; a tensor written in between raises
+    :class:`InPlaceUpdateError`, and the estimator repeats the pass with ``copy=True`` for the rest of the run.
+    ``copy=True``, for networks that update residual streams in place after saving them (Flux, Wan, Qwen-Image, …):
+    a saved tensor that depends on the input (it requires grad) or that ComfyUI may overwrite before the backward (a
+    weight cast into a shared per-stream buffer, any other non-parameter tensor) is saved as a private copy, made once
+    per tensor version and shared by every op that saves it. A model parameter is always saved as is (copying it would
+    duplicate the weights) and version-checked. ``saved_bytes`` counts the distinct non-parameter bytes saved in
+    either mode: the size of the graph.
     """
 
-    def __init__(self, parameters: Iterable[torch.Tensor]) -> None:
+    def __init__(self, parameters: Iterable[torch.Tensor], *, copy: bool) -> None:
         self._parameter_storages = {_storage(p) for p in parameters} - {None}
-        self._copies: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
-        self.copied_bytes = 0
+        self.copy = copy
+        self._seen: dict[int, tuple[weakref.ref, int, weakref.ref | None]] = {}
+        self.saved_bytes = 0
 
     def _pack(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         if not tensor.requires_grad and _storage(tensor) in self._parameter_storages:
             return tensor, tensor._version
         key = id(tensor)
-        cached = self._copies.get(key)
-        if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
-            copy = cached[2]()
-            if copy is not None:
-                return copy, None
-        copy = tensor.detach().clone()
-        self.copied_bytes += copy.numel() * copy.element_size()
-        self._copies[key] = (weakref.ref(tensor), tensor._version, weakref.ref(copy))
+        seen = self._seen.get(key)
+        fresh = seen is None or seen[0]() is not tensor or seen[1] != tensor._version
+        if not self.copy:
+            if fresh:
+                self.saved_bytes += tensor.numel() * tensor.element_size()
+                self._seen[key] = (weakref.ref(tensor), tensor._version, None)
+            return tensor, tensor._version
+        copy = None if fresh or seen[2] is None else seen[2]()
+        if copy is None:
+            copy = tensor.detach().clone()
+            self.saved_bytes += copy.numel() * copy.element_size()
+            self._seen[key] = (weakref.ref(tensor), tensor._version, weakref.ref(copy))
         return copy, None
 
     @staticmethod
     def _unpack(packed: tuple[torch.Tensor, int | None]) -> torch.Tensor:
         tensor, version = packed
         if version is not None and tensor._version != version:
-            raise NoGraphError("a weight saved for the backward was overwritten before the backward ran")
+            raise InPlaceUpdateError("a tensor saved for the backward was written before the backward read it")
         return tensor
 
     def hooks(self) -> contextlib.AbstractContextManager:
@@ -142,8 +155,8 @@ class SavedTensorGuard:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def release(self) -> None:
-        """Drop the copy cache (the graph keeps the copies it needs)."""
-        self._copies.clear()
+        """Drop the bookkeeping (the graph keeps what it saved)."""
+        self._seen.clear()
 
 
 def _storage(tensor: torch.Tensor) -> int | None:
@@ -224,8 +237,9 @@ def checkpoint_units(network: torch.nn.Module) -> list[torch.nn.Module]:
 class _Recompute(torch.autograd.Function):
     """One block as a single autograd node: no activations saved in the forward, recomputed in the backward.
 
-    The block runs on private copies of its inputs (blocks of today's models update their inputs in place), the
-    inputs are kept by reference with their versions checked before recomputing, and the recomputation runs under
+    The block runs on private copies of its inputs (blocks of today's models update their inputs in place); the
+    inputs are kept as the guard keeps saved tensors (by reference with a version check, or as copies in its copy
+    mode), and the recomputation runs under
     the pass's saved-tensor guard and with ComfyUI's ``in_training`` still on (the whole backward is inside
     :class:`TracedPass`). Non-tensor outputs (e.g. a ``None`` context of a last MMDiT block) pass through.
     """
@@ -233,7 +247,8 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: Callable[[list[torch.Tensor]], Any], traced: TracedPass, *tensors: torch.Tensor):
         ctx.call, ctx.guard = call, traced.guard
-        ctx.inputs = [(t.detach(), t.requires_grad, t._version) for t in tensors]
+        keep = (lambda t: t.detach().clone()) if traced.guard.copy else (lambda t: t.detach())
+        ctx.inputs = [(keep(t), t.requires_grad, t._version if not traced.guard.copy else None) for t in tensors]
         traced.audit.paused += 1
         try:
             with torch.no_grad():
@@ -247,8 +262,8 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx, *grads):
         inputs = []
         for tensor, requires_grad, version in ctx.inputs:
-            if tensor._version != version:
-                raise NoGraphError("a block input was modified in place after the block ran")
+            if version is not None and tensor._version != version:
+                raise InPlaceUpdateError("a block input was modified in place after the block ran")
             inputs.append(tensor.detach().requires_grad_(requires_grad))
         with torch.enable_grad(), ctx.guard.hooks():
             out = ctx.call([t.clone() if t.requires_grad else t for t in inputs])
@@ -343,13 +358,16 @@ class TracedPass:
     """The context of one differentiated conditional pass and its backward (see the module docstring).
 
     ``network`` is the diffusion model (``BaseModel.diffusion_model``), ``parameters`` every weight the pass may save
-    (the model's and attached ControlNets'); ``checkpoint`` turns on :class:`BlockCheckpointing`. Use
+    (the model's and attached ControlNets'); ``checkpoint`` turns on :class:`BlockCheckpointing`, ``copy`` the
+    guard's private copies (:class:`SavedTensorGuard`). Use
     ``with TracedPass(...) as tp:`` around both the forward and the backward, and call :meth:`check` after the
     forward.
     """
 
-    def __init__(self, network: torch.nn.Module, parameters: Iterable[torch.Tensor], *, checkpoint: bool) -> None:
-        self.guard = SavedTensorGuard(parameters)
+    def __init__(
+        self, network: torch.nn.Module, parameters: Iterable[torch.Tensor], *, checkpoint: bool, copy: bool
+    ) -> None:
+        self.guard = SavedTensorGuard(parameters, copy=copy)
         self.audit = GradientAudit(network)
         self.checkpointing = BlockCheckpointing(network, self) if checkpoint else None
         self._stack: contextlib.ExitStack | None = None
