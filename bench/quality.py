@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 from bench.benchlib import format_table  # noqa: E402
 from reg_core import rectify, toy  # noqa: E402
 
-log = logging.getLogger("bench.quality")
+log = logging.getLogger("bench_reg.quality")
 
 Denoise = Callable[[Tensor, float], Tensor]
 

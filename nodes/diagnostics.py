@@ -21,7 +21,7 @@ log = logging.getLogger(LOGGER_NAME)
 CATEGORY = "sampling/guidance/REG"
 
 
-def _to_image(picture: Image.Image) -> torch.Tensor:
+def to_image(picture: Image.Image) -> torch.Tensor:
     """A PIL image as a ComfyUI IMAGE batch of one: ``[1, H, W, 3]`` floats in [0, 1]."""
     return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
@@ -136,14 +136,14 @@ class REGDiagnostics(io.ComfyNode):
         if not any(step.active for step in record.steps):
             note = diagnostics.inactive_note(record)
             log.info("REGDiagnostics: %s", note)
-            picture = _to_image(diagnostic_plots.render_inactive(record))
+            picture = to_image(diagnostic_plots.render_inactive(record))
             text = json.dumps({**record.to_dict(), "maps_shown": [], "note": note}, indent=1)
             return io.NodeOutput(picture, picture, text)
         stats = diagnostic_plots.render_statistics(record, sample)
         shown = parse_steps(steps, record)
         maps = diagnostic_plots.render_maps(record, shown, sample) if shown else Image.new("RGB", (64, 64), "white")
         text = json.dumps({**record.to_dict(), "maps_shown": shown}, indent=1)
-        return io.NodeOutput(_to_image(stats), _to_image(maps), text)
+        return io.NodeOutput(to_image(stats), to_image(maps), text)
 
 
 NODES = [REGDiagnostics]

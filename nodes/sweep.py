@@ -19,7 +19,6 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
@@ -30,6 +29,7 @@ from ..reg_core.plots import sweep as sweep_plots
 from ..reg_core.rectify import Estimator
 from .clip_score import CATEGORY, CLIP_SCORE_MODEL, ManagedScorer, score
 from .common import LOGGER_NAME, wrapper_adder
+from .diagnostics import to_image
 from .guidance import apg_pag_inputs, reg_inputs
 from .guidance_hooks import apg_pre_cfg, pag_post_cfg
 from .reg_runtime import REGPatch, REGSettings, remove_reg
@@ -361,7 +361,7 @@ class REGGuidanceSweep(io.ComfyNode):
             "seconds": round(time.perf_counter() - started, 3),
         }
         summary = sweep.summary_table(runs, means, clip_score.METRIC_NAME)
-        plot_tensor = _to_image(plot)
+        plot_tensor = to_image(plot)
         grid_tensor = torch.from_numpy(grid).float().div(255.0).unsqueeze(0)
         previews = ui.PreviewImage(plot_tensor).values + ui.PreviewImage(grid_tensor).values
         return io.NodeOutput(
@@ -370,11 +370,6 @@ class REGGuidanceSweep(io.ComfyNode):
             json.dumps(report, ensure_ascii=False),
             ui={"images": previews, "text": (summary,)},
         )
-
-
-def _to_image(image) -> torch.Tensor:
-    """A PIL RGB image as a ComfyUI IMAGE batch of one."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).unsqueeze(0)
 
 
 NODES = [REGGuidanceSweep]

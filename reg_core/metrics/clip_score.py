@@ -36,7 +36,7 @@ from PIL import Image
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TruncationMode = Literal["torchmetrics", "clip"]
 #: ``torchmetrics``: slice the ids to 77 tokens, dropping EOS (what the paper's numbers used);
@@ -355,7 +355,7 @@ def load_clip_score_model(
         tokenizer_path = own_files
     elif tokenizer_fallback is not None and _has_tokenizer_files(Path(tokenizer_fallback)):
         tokenizer_path = Path(tokenizer_fallback)
-        logger.info("CLIP score: %s has no tokenizer files; using the fallback tokenizer in %s", path, tokenizer_path)
+        log.info("CLIP score: %s has no tokenizer files; using the fallback tokenizer in %s", path, tokenizer_path)
     else:
         raise MissingModelFilesError(
             f"No tokenizer for {path}: expected {TOKENIZER_JSON}, or {' + '.join(TOKENIZER_BPE_FILES)}, in the model "
@@ -372,7 +372,7 @@ def load_clip_score_model(
         )
     image_processor = _load_image_processor(own_files, int(model.config.vision_config.image_size))
     model = model.to(device=device, dtype=dtype).eval()
-    logger.info("CLIP score model %s loaded (%s, %s)", path, dtype, device)
+    log.info("CLIP score model %s loaded (%s, %s)", path, dtype, device)
     return CLIPScoreModel(
         model=model,
         tokenizer=tokenizer,
@@ -448,7 +448,7 @@ def images_to_uint8(images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
             pixels[start : start + DEFAULT_CHUNK_SIZE] = (values.clamp(0.0, 1.0) * 255.0).round()
         if low < 0.0 or high > 1.0:
             note = f"image values span [{low:.4g}, {high:.4g}]; clamped to [0, 1] before the uint8 conversion"
-            logger.warning("CLIP score: %s", note)
+            log.warning("CLIP score: %s", note)
             notes.append(note)
     else:
         raise InvalidInputError(f"image has dtype {images.dtype}; expected float in [0, 1] or uint8.")
@@ -588,7 +588,7 @@ def compute_clip_score(
                 else "truncated to its first tokens (EOS kept)"
             )
             note = f"prompt {index + 1} has {count} tokens, over the {limit}-token limit; {action}"
-            logger.warning("CLIP score: %s", note)
+            log.warning("CLIP score: %s", note)
             notes.append(note)
     scores = _scores_from_uint8(scorer, pixels, prompts, truncation, chunk_size)
     return CLIPScoreResult(scores=scores.tolist(), mean=clamped_mean(scores), notes=notes)
