@@ -152,7 +152,7 @@ class CoreBench:
         elif config.estimator == "gradient-free":
             h = rectify.fd_step(sigma, x, flow=False)
             d_c, d_u, d_probe = self._with_probe(x, sigma, h)
-            m = (d_probe - d_c) / h * rectify.flow_factor(sigma, x, False)
+            m = rectify.fd_factor(d_c, d_probe, h, rectify.flow_factor(sigma, x, False))
         elif config.estimator == "chain":
             with graph_mode():
                 s_graph = sigma.clone()

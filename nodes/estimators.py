@@ -315,13 +315,13 @@ class GradientFree:
             outputs = cond_pass.run()
             shifted = cond_pass.run([cond_pass.conds[pos]], cond_pass.x + h)[0]
         d_c = outputs[pos]
-        return outputs, FactorEstimate(d_c, (shifted - d_c) / h * cond_pass.factor)
+        return outputs, FactorEstimate(d_c, rectify.fd_factor(d_c, shifted, h, cond_pass.factor))
 
     def separate(self, cond_pass: CondPass, d_c: torch.Tensor) -> FactorEstimate:
         """M from one extra pass at ``x + h`` when ``D_c`` is already known (a fallback in the middle of a step)."""
         h = self.step(cond_pass)
         shifted = cond_pass.run([cond_pass.conds[cond_pass.positive]], cond_pass.x + h)[0]
-        return FactorEstimate(d_c, (shifted - d_c) / h * cond_pass.factor)
+        return FactorEstimate(d_c, rectify.fd_factor(d_c, shifted, h, cond_pass.factor))
 
     @staticmethod
     def step(cond_pass: CondPass) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ..reg_core.schedules import Progress, Schedule
 from .common import LOGGER_NAME, REGConfigError, wrapper_adder
 from .guidance_hooks import apg_pre_cfg, pag_post_cfg
 from .reg_runtime import WRAPPER_KEY, REGPatch, REGSettings, remove_reg
-from .schedule_patch import SCHEDULE_KEY, SchedulePatch, ScheduleSettings
+from .schedule_patch import SCHEDULE_KEY, SchedulePatch, ScheduleSettings, remove_schedule
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -259,7 +259,7 @@ class REGGuidanceSchedule(io.ComfyNode):
     def execute(cls, model, schedule, end_cfg, sigma_low, sigma_high, exponent, progress) -> io.NodeOutput:
         patch = SchedulePatch(_schedule(schedule, end_cfg, sigma_low, sigma_high, exponent, progress))
         m = model.clone()
-        m.remove_wrappers_with_key(WrappersMP.PREDICT_NOISE, SCHEDULE_KEY)
+        remove_schedule(m)
         patch.install(wrapper_adder(m))
         return io.NodeOutput(m)
 
@@ -291,6 +291,7 @@ class REGCFGGuider(comfy.samplers.CFGGuider):
             schedule.install(add)
         if apg is not None:
             comfy.model_patcher.set_model_options_pre_cfg_function(self.model_options, apg_pre_cfg(apg))
+            self.model_options["disable_cfg1_optimization"] = True  # APG at scale 1 still needs the negative pass
         if pag_scale != 0:
             comfy.model_patcher.set_model_options_post_cfg_function(self.model_options, pag_post_cfg(pag_scale))
 

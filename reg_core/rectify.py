@@ -135,9 +135,12 @@ def reg_factor_fd(
     if d_c is None:
         d_c = denoise(x)
     h = fd_step(sigma, x, flow=flow, relative=relative_step)
-    shifted = denoise(x + h)
-    m = (shifted - d_c) / h
-    return d_c, m * flow_factor(sigma, x, flow)
+    return d_c, fd_factor(d_c, denoise(x + h), h, flow_factor(sigma, x, flow))
+
+
+def fd_factor(d_c: Tensor, d_shifted: Tensor, h: Tensor, factor: Tensor) -> Tensor:
+    """Gradient-free ``M ≈ a(σ)·(D_c(x + h𝟙) − D_c(x)) / h`` from the two predictions (see :func:`reg_factor_fd`)."""
+    return (d_shifted - d_c) / h * factor
 
 
 def is_fresh_evaluation(evaluation: int, refresh_every: int) -> bool:
