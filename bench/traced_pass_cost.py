@@ -93,6 +93,7 @@ CONFIGS = {
         "context_dim": 2048,
         "num_head_channels": 64,
         "adm_in_channels": 2816,
+        "num_classes": "sequential",
         "use_temporal_resblock": False,
         "use_temporal_attention": False,
     },

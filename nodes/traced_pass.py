@@ -215,13 +215,21 @@ def checkpoint_units(network: torch.nn.Module) -> list[torch.nn.Module]:
     Every ``nn.ModuleList`` directly under the network (Flux ``double_blocks``/``single_blocks``, MMDiT
     ``joint_blocks``, Wan ``blocks``, Qwen-Image ``transformer_blocks``, UNet ``input_blocks``/``output_blocks``);
     sequential containers among them, and sequential subclasses directly under the network (UNet ``middle_block``),
-    contribute their layers, because ComfyUI's UNet iterates those layers instead of calling the container.
+    contribute their layers, because ComfyUI's UNet iterates those layers instead of calling the container; a block
+    that holds a list of several blocks itself (a UNet SpatialTransformer's transformer layers) contributes those, so
+    that "one block" stays small (the layers around them keep their graph: a few activations).
     """
     units: list[torch.nn.Module] = []
 
     def add(module: torch.nn.Module) -> None:
+        inner = [c for c in module.children() if isinstance(c, torch.nn.ModuleList) and len(c) > 1]
         if isinstance(module, torch.nn.Sequential):
-            units.extend(child for child in module if any(True for _ in child.parameters()))
+            for child in module:
+                add(child)
+        elif inner:
+            for block_list in inner:  # e.g. the transformer layers of a UNet's SpatialTransformer (10 in SDXL)
+                for element in block_list:
+                    add(element)
         elif any(True for _ in module.parameters()):
             units.append(module)
 

@@ -99,6 +99,20 @@ def test_checkpoint_units_follow_the_block_lists(reg_pack):
     net = Network(depth=3)
     assert tp.checkpoint_units(net) == list(net.blocks)
 
+    class Stage(torch.nn.Module):  # a block holding a list of blocks, like a UNet SpatialTransformer
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 6)
+            self.layers = torch.nn.ModuleList(InPlaceBlock(6) for _ in range(2))
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = torch.nn.ModuleList([Stage(), torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.SiLU())])
+
+    outer = Outer()
+    assert tp.checkpoint_units(outer) == [*outer.stages[0].layers, outer.stages[1][0]]
+
 
 def test_a_parameter_overwritten_before_the_backward_is_an_error(reg_pack):
     tp = reg_pack.submodule("nodes.traced_pass")
