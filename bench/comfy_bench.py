@@ -103,15 +103,10 @@ class ComfyBench:
     def __init__(self, comfyui: Path, attention: str = "default", device: str = "cpu") -> None:
         self.memory_mode = import_comfyui(comfyui, attention, device)
         import comfy_harness
-        import folder_paths
 
         self._tmp = tempfile.TemporaryDirectory(prefix="reg-bench-")
         root = Path(self._tmp.name)
-        for name in ("output", "temp", "input"):
-            (root / name).mkdir()
-        folder_paths.set_output_directory(str(root / "output"))
-        folder_paths.set_temp_directory(str(root / "temp"))
-        folder_paths.set_input_directory(str(root / "input"))
+        comfy_harness.isolate_folders(root)  # never read or write the ComfyUI tree's own folders
         self.pack = comfy_harness.load_pack(REPO, root / "custom_nodes")
         self.rectify = self.pack.submodule("reg_core.rectify")
         self.diagnostics = self.pack.submodule("reg_core.diagnostics")
