@@ -383,11 +383,13 @@ def test_window_outside_all_steps_leaves_guidance_unchanged(harness, tiny):
     assert torch.equal(run_ksampler(harness, tiny, patches=[empty], steps=2), plain)
 
 
-def test_bad_window_is_a_clear_error(harness, tiny):
-    from comfy_harness import PromptExecutionError
+def test_bad_window_is_refused_when_the_prompt_is_queued(harness, tiny):
+    from comfy_harness import PromptValidationError
 
-    with pytest.raises(PromptExecutionError, match="start_percent"):
+    with pytest.raises(PromptValidationError, match="start_percent") as err:
         run_ksampler(harness, tiny, patches=[reg_patch(start_percent=0.8, end_percent=0.2)], steps=1)
+    # ComfyUI repeats a node's message once per input its validate_inputs names: the two window inputs, no more
+    assert str(err.value).count("is after end_percent") == 2
 
 
 # --- direct sampler calls: fallback, interrupt, repeated runs (the same code path the executor uses) ---
