@@ -19,22 +19,29 @@ def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "reg_guidance" and r.levelno >= logging.WARNING]
 
 
-def _one_step(model, positive, negative, family, cfg, sampler_name="euler"):
-    """One KSampler-equivalent step to σ = 0 through ``comfy.sample`` (its result is the denoised prediction)."""
-    import comfy.sample
+def _guider(model, positive, negative, family, cfg):
+    """A CFGGuider, an empty latent and the last two σs of KSampler's one-step schedule (ending at σ = 0)."""
     import comfy.samplers
 
-    channels = 4 if family == "sd15" else 16
-    latent = torch.zeros(1, channels, 4, 4)
+    latent = torch.zeros(1, 4 if family == "sd15" else 16, 4, 4)
     setup = ONE_STEP[family]
     sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, setup["scheduler"], int(1 / setup["denoise"]))[-2:]
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
+    return guider, latent, sigmas
+
+
+def _one_step(model, positive, negative, family, cfg, sampler=None):
+    """One KSampler-equivalent euler step to σ = 0 (its result is the denoised prediction), or ``sampler``'s."""
+    import comfy.sample
+    import comfy.samplers
+
+    guider, latent, sigmas = _guider(model, positive, negative, family, cfg)
     noise = comfy.sample.prepare_noise(latent, 42)
     with torch.inference_mode():
-        return guider.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sigmas, seed=42)
+        return guider.sample(noise, latent, sampler or comfy.samplers.sampler_object("euler"), sigmas, seed=42)
 
 
 def _reference_around_positive(model, positive, negative, family, cfg):
@@ -55,18 +62,7 @@ def _reference_around_positive(model, positive, negative, family, cfg):
         a = (1 - s).reshape(-1, 1, 1, 1) if flow else 1.0
         return (d_c + a * m * (d_final - d_c)).detach()
 
-    import comfy.sample
-
-    channels = 4 if family == "sd15" else 16
-    latent = torch.zeros(1, channels, 4, 4)
-    setup = ONE_STEP[family]
-    sampling = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(sampling, setup["scheduler"], int(1 / setup["denoise"]))[-2:]
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    with torch.inference_mode():
-        return guider.sample(comfy.sample.prepare_noise(latent, 42), latent, comfy.samplers.KSAMPLER(one_step), sigmas)
+    return _one_step(model, positive, negative, family, cfg, sampler=comfy.samplers.KSAMPLER(one_step))
 
 
 def _close(got, want, rel=1e-4):
