@@ -146,7 +146,7 @@ def _transformers() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "The CLIP score needs the 'transformers' package (ComfyUI already requires it; for standalone use "
-            "install the pack with its 'clip' extra: pip install 'comfyui-reg-guidance[clip]')."
+            "install the pack with its 'clip' extra: pip install 'rectified-gradient-guidance[clip]')."
         ) from exc
     return transformers
 
