@@ -20,7 +20,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..reg_core import diagnostics, sweep
 from ..reg_core.guidance import APG
@@ -363,13 +363,9 @@ class REGGuidanceSweep(io.ComfyNode):
         summary = sweep.summary_table(runs, means, clip_score.METRIC_NAME)
         plot_tensor = to_image(plot)
         grid_tensor = torch.from_numpy(grid).float().div(255.0).unsqueeze(0)
-        previews = ui.PreviewImage(plot_tensor).values + ui.PreviewImage(grid_tensor).values
-        return io.NodeOutput(
-            plot_tensor,
-            grid_tensor,
-            json.dumps(report, ensure_ascii=False),
-            ui={"images": previews, "text": (summary,)},
-        )
+        # the plot and the grid are outputs for preview/save nodes (the template has them); the node itself shows only
+        # the summary, so each picture appears once
+        return io.NodeOutput(plot_tensor, grid_tensor, json.dumps(report, ensure_ascii=False), ui={"text": (summary,)})
 
 
 NODES = [REGGuidanceSweep]
