@@ -48,7 +48,7 @@ def _running_comfy_interpreter(comfyui: Path) -> bool:
 def _import_comfyui(comfyui: Path) -> str | None:
     """Import ComfyUI the way the headless harness needs it; return why it failed (None on success).
 
-    Order matters (docs/comfyui-integration.md §9): ``args.cpu`` before any other comfy module, and
+    Order matters (see tests/integration/README.md, "How it works"): ``args.cpu`` before any other comfy module, and
     ``utils.extra_config`` (plus ``server``) before ``nodes``, because nodes.py puts ``comfy/`` first on ``sys.path``,
     after which ``utils`` would resolve to comfy/utils.py. ComfyUI also goes first on ``sys.path``: the repository
     root is on it too and has its own ``nodes`` package. ``args.base_directory`` (ComfyUI's ``--base-directory``) is

@@ -1,7 +1,7 @@
 """Tiny random-weight models for the integration tests, built with ComfyUI's own model classes.
 
 Nothing can be downloaded, so every model the tests load is generated here once per cache directory (``tests/.models/``,
-gitignored) and reused by later sessions. The recipe follows docs/comfyui-integration.md §8:
+gitignored) and reused by later sessions (how they are built and registered: tests/integration/README.md):
 
 * ``checkpoints/tiny_sd15.safetensors``: tiny SD1.5 EPS UNet (36.7M params) + random TAESD as the VAE + full-size
   random CLIP-L, loadable by ``CheckpointLoaderSimple`` and detected as ``SD15``.
