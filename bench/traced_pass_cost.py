@@ -55,49 +55,16 @@ def _load_pack():
     return importlib.import_module("reg_pack.nodes.traced_pass")
 
 
-CONFIGS = {
-    "sd15": {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 320,
-        "num_res_blocks": [2, 2, 2, 2],
-        "channel_mult": [1, 2, 4, 4],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "transformer_depth_middle": 1,
-        "use_linear_in_transformer": False,
-        "context_dim": 768,
-        "num_heads": 8,
-        "adm_in_channels": None,
-        "use_temporal_resblock": False,
-        "use_temporal_attention": False,
-    },
-    "sdxl": {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 320,
-        "num_res_blocks": [2, 2, 2],
-        "channel_mult": [1, 2, 4],
-        "transformer_depth": [0, 0, 2, 2, 10, 10],
-        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-        "transformer_depth_middle": 10,
-        "use_linear_in_transformer": True,
-        "context_dim": 2048,
-        "num_head_channels": 64,
-        "adm_in_channels": 2816,
-        "num_classes": "sequential",
-        "use_temporal_resblock": False,
-        "use_temporal_attention": False,
-    },
-}
+def _configs() -> dict[str, dict]:
+    """The full-size UNet configurations of the real-size benchmark (one home: bench/real_size.py)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench.real_size import SD15, SDXL
+
+    return {"sd15": SD15, "sdxl": SDXL}
+
+
+MODELS = ("sd15", "sdxl")
 
 
 def _build(name: str, size: int, dtype: str):
@@ -107,7 +74,7 @@ def _build(name: str, size: int, dtype: str):
 
     torch_dtype = getattr(torch, dtype)
     family = comfy.supported_models.SD15 if name == "sd15" else comfy.supported_models.SDXL
-    config = family(dict(CONFIGS[name]))
+    config = family(dict(_configs()[name]))
     config.set_inference_dtype(torch_dtype, None if torch_dtype == torch.float32 else torch.float32)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in config.get_model({}).diffusion_model.state_dict().items()}
@@ -177,7 +144,7 @@ def memory_child(args: argparse.Namespace, comfyui: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(CONFIGS), default="sd15")
+    parser.add_argument("--model", choices=MODELS, default="sd15")
     parser.add_argument("--dtype", default="float32", help="weight dtype (bfloat16: stored so, computed in float32)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (0: memory only)")
