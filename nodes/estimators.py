@@ -107,6 +107,11 @@ class MEstimator(Protocol):
 
     kind: Estimator
 
+    @property
+    def label(self) -> str:
+        """What the run record shows as the estimator."""
+        return self.kind.value
+
     def evaluate(self, cond_pass: CondPass) -> tuple[list[torch.Tensor], Estimate]: ...
 
 
@@ -174,7 +179,7 @@ class Traced:
 
 
 @dataclass
-class ExactVJP:
+class ExactVJP(MEstimator):
     """``M = a(σ)·Jᵀ𝟙`` by one vector-Jacobian product (paper eq. 12), optionally with per-block recomputation.
 
     ``graph_bytes`` is what the plain graph of the last evaluation saved (measured by the saved-tensor guard), which
@@ -206,7 +211,7 @@ class ExactVJP:
 
 
 @dataclass
-class AutoVJP:
+class AutoVJP(MEstimator):
     """The ``vjp`` choice: plain VJP when its graph fits in free memory, the memory-bounded one when it does not.
 
     The first evaluation of a run uses per-block recomputation, which measures the plain graph's size (the bytes the
@@ -248,7 +253,7 @@ class AutoVJP:
 
 
 @dataclass
-class Chain:
+class Chain(MEstimator):
     """The full chain rule ``D_c + a·Jᵀ(D_guided − D_c)`` (an ablation): the graph is kept until the step's end."""
 
     traced: Traced = field(default_factory=lambda: Traced(checkpoint=False, copy=True))  # no retry: backward later
@@ -284,7 +289,7 @@ def fd_relative_step(model: Any) -> float:
 
 
 @dataclass
-class GradientFree:
+class GradientFree(MEstimator):
     """``M ≈ a(σ)·(D_c(x + h𝟙) − D_c(x))/h`` (reg_core.rectify.reg_factor_fd): no graph, one extra forward.
 
     The probe is a copy of the positive cond list appended to the batch; ComfyUI batches it with the others and the

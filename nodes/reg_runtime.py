@@ -313,9 +313,8 @@ class REGPatch:
         """The run's estimator on the main pass, falling back to gradient-free for the failures it can name."""
         try:
             result = run.estimator.evaluate(cond_pass)
-            label = getattr(run.estimator, "label", None)  # AutoVJP says when the memory-bounded graph served
-            if label is not None and not run.record.estimator.startswith(Estimator.GRADIENT_FREE.value):
-                run.record.estimator = label
+            if run.estimator.kind is not Estimator.GRADIENT_FREE:  # a fallback keeps its own record text
+                run.record.estimator = run.estimator.label
             return result
         except torch.OutOfMemoryError:
             comfy.model_management.soft_empty_cache()
