@@ -1,16 +1,17 @@
 """What the traced pass's switches cost: one exact M (forward + VJP) on a full-size random SD1.5 or SDXL UNet.
 
 Modes, all on the same network, input and conditioning:
-- ``cfg`` (memory only): the batched positive+negative forward in inference mode that a CFG step runs;
+- ``cfg``: the batched positive+negative forward in inference mode that a CFG step runs;
 - ``plain``: autograd on, nothing switched (what exact REG did before today's models needed more; SD1.5 needs
   nothing more);
 - ``traced``: the pack's :class:`nodes.traced_pass.TracedPass` (``in_training``, the saved-tensor guard, the gradient
   audit) — what ``vjp`` runs;
 - ``low-memory``: the same with per-block recomputation — what ``vjp-low-memory`` runs.
 
-Time: the modes alternate in one process, ``--repeats`` rounds, median seconds and the ratio to ``plain``. Memory:
-each mode in its own process, the kernel's resident-set high-water mark during the pass above the level after a
-warm-up forward (``/proc/self/clear_refs`` resets it). It also checks that the three give the same M.
+Time: the modes (``--time-modes``, default plain, traced, low-memory) alternate in one process, ``--repeats`` rounds,
+median seconds and the ratio to the first. Memory: each mode in its own process, the kernel's resident-set
+high-water mark during the pass above the level after a warm-up forward (``/proc/self/clear_refs`` resets it). It
+also checks that the timed exact modes give the same M.
 
 Run with ComfyUI's interpreter from the repository root::
 
@@ -148,6 +149,11 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", help="weight dtype (bfloat16: stored so, computed in float32)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (0: memory only)")
+    parser.add_argument(
+        "--time-modes",
+        default="plain,traced,low-memory",
+        help="modes to time, comma-separated; ratios are to the first, M is compared with the first exact mode",
+    )
     parser.add_argument("--memory", default=",".join(MODES), help="modes whose peak to measure, comma-separated")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--memory-child", choices=MODES, help=argparse.SUPPRESS)
@@ -166,26 +172,29 @@ def main() -> int:
         _comfy(comfyui)
         tp = _load_pack()
         model, x, conds = _build(args.model, args.size, args.dtype)
-        exact = [m for m in MODES if m != "cfg"]
-        times: dict[str, list[float]] = {mode: [] for mode in exact}
+        timed = [m for m in args.time_modes.split(",") if m]
+        if not timed or not set(timed) <= set(MODES):
+            parser.error(f"--time-modes: comma-separated modes from {', '.join(MODES)}")
+        times: dict[str, list[float]] = {mode: [] for mode in timed}
         ms = {}
         for round_ in range(args.repeats):
-            for mode in exact:
+            for mode in timed:
                 start = time.perf_counter()
                 ms[mode] = _pass(model, x, conds, mode, tp)
                 times[mode].append(time.perf_counter() - start)
             log.info("round %d: %s", round_ + 1, {m: round(t[-1], 2) for m, t in times.items()})
-        plain = statistics.median(times["plain"])
-        scale = float(ms["plain"].abs().max())
+        first = statistics.median(times[timed[0]])
+        exact = [m for m in timed if m != "cfg"]
+        scale = float(ms[exact[0]].abs().max()) if exact else 1.0
         log.info(
-            "| mode | s per exact M (median of %d) | ratio to plain | max abs(M − M_plain) / max abs(M_plain) |",
-            args.repeats,
-        )
+            "| mode | s per pass (median of %d) | ratio to %s | max abs(M − M_%s) / max abs(M_%s) |",
+            args.repeats, timed[0], *(2 * [exact[0] if exact else "-"]),
+        )  # fmt: skip
         log.info("|---|---|---|---|")
-        for mode in exact:
+        for mode in timed:
             med = statistics.median(times[mode])
-            err = float((ms[mode] - ms["plain"]).abs().max()) / scale
-            log.info("| %s | %.2f | %.3f | %.1e |", mode, med, med / plain, err)
+            err = "—" if mode == "cfg" else f"{float((ms[mode] - ms[exact[0]]).abs().max()) / scale:.1e}"
+            log.info("| %s | %.2f | %.3f | %s |", mode, med, med / first, err)
         del model, ms
     modes = [m for m in args.memory.split(",") if m]
     if modes:
