@@ -8,10 +8,10 @@ Modes, all on the same network, input and conditioning:
   audit) — what ``vjp`` runs;
 - ``low-memory``: the same with per-block recomputation — what ``vjp-low-memory`` runs.
 
-Time: the modes (``--time-modes``, default plain, traced, low-memory) alternate in one process, ``--repeats`` rounds,
-median seconds and the ratio to the first. Memory: each mode in its own process, the kernel's resident-set
-high-water mark during the pass above the level after a warm-up forward (``/proc/self/clear_refs`` resets it). It
-also checks that the timed exact modes give the same M.
+Time: the modes (``--time-modes``, default plain, traced, low-memory) alternate in one process, ``--repeats`` rounds
+after one untimed forward, median seconds and the ratio to the first. Memory: each mode in its own process, the
+kernel's resident-set high-water mark during the pass above the level after a warm-up forward
+(``/proc/self/clear_refs`` resets it). It also checks that the timed exact modes give the same M.
 
 Run with ComfyUI's interpreter from the repository root::
 
@@ -120,6 +120,14 @@ def _pass(model, x, conds, mode: str, tp):
     return m
 
 
+def _warm_up(model, x, conds) -> None:
+    """One untimed forward without graph: weights paged in and the allocator warm before anything is measured."""
+    import torch
+
+    with torch.no_grad():
+        model.apply_model(x, torch.tensor([2.0]), c_crossattn=conds[0], **({} if conds[1] is None else {"y": conds[1]}))
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -130,12 +138,10 @@ def _status_kib(field: str) -> int:
 def memory_child(args: argparse.Namespace, comfyui: Path) -> None:
     """One mode in this process: print the resident high-water mark of one pass above the warm level (JSON)."""
     _comfy(comfyui)
-    import torch
 
     tp = _load_pack()
     model, x, conds = _build(args.model, args.size, args.dtype)
-    with torch.no_grad():
-        model.apply_model(x, torch.tensor([2.0]), c_crossattn=conds[0], **({} if conds[1] is None else {"y": conds[1]}))
+    _warm_up(model, x, conds)
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
     _pass(model, x, conds, args.memory_child, tp)
@@ -172,6 +178,7 @@ def main() -> int:
         _comfy(comfyui)
         tp = _load_pack()
         model, x, conds = _build(args.model, args.size, args.dtype)
+        _warm_up(model, x, conds)
         timed = [m for m in args.time_modes.split(",") if m]
         if not timed or not set(timed) <= set(MODES):
             parser.error(f"--time-modes: comma-separated modes from {', '.join(MODES)}")
