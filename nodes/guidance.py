@@ -41,9 +41,11 @@ def reg_inputs() -> list[io.Input]:
             tooltip="vjp: the paper's exact column sums (one extra backward through the positive branch per step); "
             "switches itself to vjp-low-memory, with a console note, when its graph would not fit in free memory. "
             "vjp-low-memory: the same M with the graph bounded to about one block (each block is recomputed during "
-            "the backward: one more forward per step). gradient-free: a finite difference along the all-ones "
-            "direction (one extra forward, no gradients, exact only for an ideal denoiser). chain: the full chain "
-            "rule Jᵀ(D_guided − D_c), an ablation (same cost as vjp, holds the graph longer).",
+            "the backward: one more forward per step); the better choice when weights are cast per layer (fp8 or "
+            "quantised, offloaded, on a CPU), where the plain graph keeps a cast copy of every weight. gradient-free: "
+            "a finite difference along the all-ones direction (one extra forward, no gradients, exact only for an "
+            "ideal denoiser). chain: the full chain rule Jᵀ(D_guided − D_c), an ablation (same cost as vjp, holds the "
+            "graph longer).",
         ),
         io.Float.Input(
             "start_percent",
