@@ -154,15 +154,19 @@ class Traced:
         return TracedPass(cond_pass.model.diffusion_model, weights, checkpoint=self.checkpoint, copy=self.copy)
 
     def retrying_in_place(self, attempt: Callable[[], Any]) -> Any:
-        """``attempt()``, repeated once with private copies if the network overwrote a tensor it had saved."""
+        """``attempt()``, repeated once with private copies if the network overwrote a tensor it had saved.
+
+        The repeat runs after the ``except`` block, so the failed attempt's traceback (and with it the graph of its
+        pass) is released before the second pass builds its own.
+        """
         try:
             return attempt()
         except InPlaceUpdateError:
             if self.copy:
                 raise
             self.copy = True
-            log.info("REG: the network overwrites tensors it saved for the backward; the traced pass keeps copies.")
-            return attempt()
+        log.info("REG: the network overwrites tensors it saved for the backward; the traced pass keeps copies.")
+        return attempt()
 
     @staticmethod
     def forward(cond_pass: CondPass, traced: TracedPass) -> tuple[torch.Tensor, torch.Tensor]:

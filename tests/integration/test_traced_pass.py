@@ -223,3 +223,23 @@ def test_known_failures_are_named_and_others_are_not(reg_pack):
     assert tp.known_autograd_failure(tp.NoGraphError("no graph")) == "no graph"
     assert tp.known_autograd_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")) is None
     assert tp.known_autograd_failure(ValueError("modified by an inplace operation")) is None
+
+
+def test_the_in_place_retry_releases_the_failed_pass_first(reg_pack):
+    """The repeat with copies runs after the failed attempt (and the graph its traceback holds) is released."""
+    import weakref
+
+    est = reg_pack.submodule("nodes.estimators")
+    tp = reg_pack.submodule("nodes.traced_pass")
+    traced = est.Traced(checkpoint=False)
+    first: list[weakref.ref] = []
+
+    def attempt() -> bool:
+        if not first:
+            graph = torch.ones(4, requires_grad=True) * 2  # the failed pass's graph, a local of its frame
+            first.append(weakref.ref(graph))
+            raise tp.InPlaceUpdateError("a tensor saved for the backward was written before the backward read it")
+        return first[0]() is None
+
+    assert traced.retrying_in_place(attempt) is True
+    assert traced.copy is True
