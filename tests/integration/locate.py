@@ -11,14 +11,17 @@ A tree named in ``COMFYUI_PATHS`` or ``COMFYUI_PATH`` that is not a ComfyUI chec
 error; a default without an interpreter is left out with a note on stderr.
 
 Which interpreter: ``COMFYUI_PYTHON`` for the tree named by ``COMFYUI_PATH`` (or the only one found), otherwise
-``<tree>/.venv/bin/python`` or ``<tree>/venv/bin/python``.
+``<tree>/.venv/bin/python``, ``<tree>/venv/bin/python``, or the one ``./dev comfyui <tree>`` prepared in the cache
+(:func:`env_dir`: outside the checkout and the tree, so a read-only tree works).
 
 Run as a script it prints one line per tree, ``<version>\\t<checkout>\\t<interpreter>`` (exit 0); or one line saying
 why none was found (exit 1, the integration tests are skipped); or why a named tree cannot be used (exit 2).
+``locate.py --env-dir TREE`` prints where ``./dev comfyui`` keeps that tree's interpreter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -55,6 +58,27 @@ def comfyui_version(path: Path) -> str:
     return match.group(1) if match else "unknown"
 
 
+def cache_root() -> Path:
+    """Where prepared interpreters live: ``REG_CACHE``, else ``$XDG_CACHE_HOME/reg-guidance`` (``~/.cache``)."""
+    explicit = os.environ.get("REG_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reg-guidance"
+
+
+def env_dir(comfyui: Path) -> Path:
+    """The cached virtual environment for a tree: one per version and requirements file.
+
+    A tree whose requirements change gets a new environment; two copies of the same release share one.
+    """
+    try:
+        requirements = (comfyui / "requirements.txt").read_bytes()
+    except OSError:
+        requirements = b""
+    key = hashlib.sha256(requirements).hexdigest()[:12]
+    return cache_root() / f"comfyui-{comfyui_version(comfyui)}-{key}"
+
+
 def default_candidates() -> list[Path]:
     """The places looked at when no tree is named: the custom_nodes layout, ``~/ComfyUI``, ``~/ComfyUI-0.33``."""
     home = Path.home()
@@ -75,11 +99,15 @@ def _named() -> tuple[list[Path], bool]:
 def find_interpreter(comfyui: Path, use_env: bool = True) -> tuple[str | None, str]:
     """Return (python executable, reason) for running the ComfyUI at ``comfyui``."""
     env = os.environ.get("COMFYUI_PYTHON") if use_env else None
-    candidates = [Path(env)] if env else [comfyui / ".venv" / "bin" / "python", comfyui / "venv" / "bin" / "python"]
+    if env:
+        candidates = [Path(env)]
+    else:
+        cached = env_dir(comfyui) / "bin" / "python"
+        candidates = [comfyui / ".venv" / "bin" / "python", comfyui / "venv" / "bin" / "python", cached]
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate), ""
-    return None, f"no interpreter for ComfyUI at {comfyui} (set COMFYUI_PYTHON or create {comfyui}/.venv)"
+    return None, f"no interpreter for ComfyUI at {comfyui} (run ./dev comfyui {comfyui}, or set COMFYUI_PYTHON)"
 
 
 def find_trees() -> tuple[list[Tree], str]:
@@ -143,6 +171,9 @@ def runs_here(python: str) -> bool:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--env-dir"] and len(sys.argv) == 3:
+        sys.stdout.write(f"{env_dir(Path(sys.argv[2]).expanduser().resolve())}\n")
+        return 0
     try:
         trees, reason = find_trees()
     except TreeError as exc:
