@@ -127,8 +127,8 @@ class ComfyBench:
 
     def fd_step(self, base: Any, s: torch.Tensor, x: torch.Tensor, flow: bool) -> torch.Tensor:
         """The runtime's finite-difference probe step for this model's compute dtype."""
-        relative = self.pack.submodule("nodes.estimators").fd_relative_step(base)
-        return self.rectify.fd_step(s, x, flow=flow, relative=relative)
+        relative = self.pack.submodule("nodes.passes").fd_relative_step(base)
+        return self.rectify.fd_step(s, x, space=self.rectify.Space(flow=flow), relative=relative)
 
     @property
     def tiny(self) -> Any:

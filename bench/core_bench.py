@@ -150,9 +150,9 @@ class CoreBench:
                 d_c, m = rectify.reg_factor_vjp(lambda z: self._d(z, s_graph, self.cond), x, s_graph)
             d_u = self._d(x, sigma, self.uncond)
         elif config.estimator == "gradient-free":
-            h = rectify.fd_step(sigma, x, flow=False)
+            h = rectify.fd_step(sigma, x, space=rectify.VE)
             d_c, d_u, d_probe = self._with_probe(x, sigma, h)
-            m = rectify.fd_factor(d_c, d_probe, h, rectify.flow_factor(sigma, x, False))
+            m = rectify.fd_factor(d_c, d_probe, h, rectify.VE.factor(sigma, x))
         elif config.estimator == "chain":
             with graph_mode():
                 s_graph = sigma.clone()
@@ -161,7 +161,7 @@ class CoreBench:
             guided = cfg(d_c, self._d(x, sigma, self.uncond))
             with graph_mode():
                 jt_delta = rectify.chain_product(d_graph, leaf, (guided - d_c).clone())
-            factor = rectify.flow_factor(sigma, x, False)
+            factor = rectify.VE.factor(sigma, x)
             return rectify.rectify_chain(d_c, guided, jt_delta, factor)
         else:
             raise ValueError(f"unknown estimator {config.estimator!r}")
@@ -227,7 +227,7 @@ class CoreBench:
         """Median seconds of the pieces a step is made of (interleaved), and the cond branch's graph size."""
         x = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(0))
         sigma = torch.full((1,), 1.0)
-        h = rectify.fd_step(sigma, x, flow=False)
+        h = rectify.fd_step(sigma, x, space=rectify.VE)
 
         def fwd_bwd() -> tuple[float, float]:
             t0 = time.perf_counter()

@@ -1,11 +1,15 @@
-"""Pieces every REG node module shares: the user-facing error type and wrapper registration."""
+"""Pieces every REG node module shares: the user-facing error type, wrapper registration, the model's σ space."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import comfy.model_sampling
 import comfy.patcher_extension
+
+from ..reg_core import rectify
+from ..reg_core.rectify import Space
 
 LOGGER_NAME = "reg_guidance"
 
@@ -25,3 +29,17 @@ def wrapper_adder(target: Any) -> AddWrapper:
 
         return add
     return target.add_wrapper_with_key
+
+
+def model_space(sampling: Any) -> Space | None:
+    """The sampler's space for a ComfyUI model-sampling object; None for a model that adds no noise.
+
+    Flow models (``CONST``) carry their ``noise_scale``; ``IMG_TO_IMG_FLOW`` (Wan FlowRVS) maps an image to an image
+    without noise, so there is no noise level for M.
+    """
+    no_noise = getattr(comfy.model_sampling, "IMG_TO_IMG_FLOW", None)
+    if no_noise is not None and isinstance(sampling, no_noise):
+        return None
+    if isinstance(sampling, comfy.model_sampling.CONST):
+        return Space(flow=True, noise_scale=float(getattr(sampling, "noise_scale", 1.0)))
+    return rectify.VE

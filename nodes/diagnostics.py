@@ -1,4 +1,4 @@
-"""REGDiagnostics: pictures and numbers of what REG did during the last sampling run of a patched model/guider."""
+"""REGDiagnostics: pictures and numbers of what REG did during the sampling run that produced a latent."""
 
 from __future__ import annotations
 
@@ -125,14 +125,15 @@ class REGDiagnostics(io.ComfyNode):
         except diagnostics.UnsupportedLatentError as err:
             raise REGConfigError(f"REGDiagnostics: {err}") from None
         patch = find_patch(model, guider)
-        record = patch.last_record
-        if record is None or not record.steps:
+        record = patch.record_for(latent["samples"])
+        if record is None:
             raise REGConfigError(
-                "REG has not sampled with this model/guider yet; run the sampler first (connect its LATENT output)."
+                "this latent does not come from a sampling run with this REG model/guider: connect the LATENT output "
+                "of the sampler that used it (not a copy, crop or batch of it)."
             )
-        batch = int(record.steps[0].sigma.numel())
+        batch = int(record.steps[0].sigma.numel()) if record.steps else int(latent["samples"].shape[0])
         if sample >= batch:
-            raise REGConfigError(f"sample {sample} is out of range: the last run had a batch of {batch}.")
+            raise REGConfigError(f"sample {sample} is out of range: the run had a batch of {batch}.")
         if not any(step.active for step in record.steps):
             note = diagnostics.inactive_note(record)
             log.info("REGDiagnostics: %s", note)

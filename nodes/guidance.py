@@ -13,7 +13,7 @@ from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from ..reg_core.schedules import Progress, Schedule
 from .common import LOGGER_NAME, REGConfigError, wrapper_adder
-from .guidance_hooks import apg_pre_cfg, pag_post_cfg
+from .guidance_hooks import APGPreCfg, pag_post_cfg
 from .reg_runtime import WRAPPER_KEY, REGPatch, REGSettings, remove_reg
 from .schedule_patch import SCHEDULE_KEY, SchedulePatch, ScheduleSettings, remove_schedule
 
@@ -170,18 +170,6 @@ def schedule_inputs() -> list[io.Input]:
     ]
 
 
-def _settings(
-    strength: float, estimator: str, start_percent: float, end_percent: float, refresh_every: int
-) -> REGSettings:
-    return REGSettings(
-        strength=strength,
-        estimator=Estimator(estimator),
-        start_percent=start_percent,
-        end_percent=end_percent,
-        refresh_every=refresh_every,
-    )
-
-
 def _check_window(start_percent, end_percent) -> bool | str:
     """``validate_inputs`` of the REG nodes: a window that can never hold a step is refused when the prompt is queued.
 
@@ -191,7 +179,7 @@ def _check_window(start_percent, end_percent) -> bool | str:
     if not all(isinstance(v, (int, float)) for v in (start_percent, end_percent)):
         return True
     try:
-        _settings(1.0, Estimator.VJP.value, start_percent, end_percent, 1).validate()
+        REGSettings(start_percent=start_percent, end_percent=end_percent)
     except REGConfigError as err:
         return str(err)
     return True
@@ -234,7 +222,7 @@ class REGGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, strength, estimator, start_percent, end_percent, refresh_every) -> io.NodeOutput:
-        patch = REGPatch(_settings(strength, estimator, start_percent, end_percent, refresh_every))
+        patch = REGPatch(REGSettings(strength, estimator, start_percent, end_percent, refresh_every))
         m = model.clone()
         if remove_reg(m):
             log.info("REGGuidance: replacing the REG settings already on this model.")
@@ -292,9 +280,15 @@ class REGCFGGuider(comfy.samplers.CFGGuider):
         if schedule is not None:
             schedule.install(add)
         if apg is not None:
-            comfy.model_patcher.set_model_options_pre_cfg_function(self.model_options, apg_pre_cfg(apg))
+            comfy.model_patcher.set_model_options_pre_cfg_function(self.model_options, APGPreCfg(apg))
             self.model_options["disable_cfg1_optimization"] = True  # APG at scale 1 still needs the negative pass
         if pag_scale != 0:
+            if not hasattr(model_patcher.model.diffusion_model, "middle_block"):
+                raise REGConfigError(
+                    "REGGuider: base 'pag' perturbs the self-attention of a UNet's middle block, which this model "
+                    f"({type(model_patcher.model.model_config).__name__}) does not have. Use base 'cfg' with "
+                    "ComfyUI's SkipLayerGuidanceDiT on the model for a DiT's perturbed-attention guidance."
+                )
             comfy.model_patcher.set_model_options_post_cfg_function(self.model_options, pag_post_cfg(pag_scale))
 
     def sample(self, *args, **kwargs):
@@ -371,7 +365,7 @@ class REGGuider(io.ComfyNode):
         exponent,
         progress,
     ) -> io.NodeOutput:
-        reg = REGPatch(_settings(strength, estimator, start_percent, end_percent, refresh_every))
+        reg = REGPatch(REGSettings(strength, estimator, start_percent, end_percent, refresh_every))
         sched = _schedule(schedule, end_cfg, sigma_low, sigma_high, exponent, progress)
         schedule_patch = SchedulePatch(sched) if sched.schedule is not Schedule.CONSTANT else None
         apg = APG(eta=eta, norm_threshold=norm_threshold, momentum=momentum) if base == "apg" else None

@@ -30,16 +30,6 @@ class APGPreCfg:
         return [*self.apg.pre_cfg(out[0], out[1], args["cond_scale"], sigma), *out[2:]]
 
 
-def apg_pre_cfg(apg: APG) -> APGPreCfg:
-    """The pre-cfg hook of :class:`APGPreCfg` for ``apg``."""
-    return APGPreCfg(apg)
-
-
-def has_apg(model_options: dict) -> bool:
-    """Whether ``model_options`` carry this pack's APG hook (then cfg is APG's cond-anchored scale)."""
-    return any(isinstance(fn, APGPreCfg) for fn in model_options.get("sampler_pre_cfg_function", []))
-
-
 def _identity_attention(q, k, v, extra_options, mask=None):
     return v
 

@@ -1,62 +1,66 @@
-"""How REG runs inside ComfyUI's sampler: keyed wrappers and the per-run holder.
+"""How REG runs inside ComfyUI's sampler: keyed wrappers, the per-run holder and the one decision per step.
 
-REG needs the *true* conditional prediction ``D_c`` with its Jacobian, and the *final* guided prediction of whatever
-chain the model carries (CFG, APG, PAG, SAG, SLG, CFGZeroStar, RescaleCFG, …). Keyed wrappers do that without taking
-any single-slot hook, so the result does not depend on node order:
+REG needs the *true* conditional prediction ``D_c`` with its Jacobian, and the guided prediction of whatever chain
+the model carries (CFG, APG, PAG, SAG, SLG, CFGZeroStar, RescaleCFG, …). Keyed wrappers do that without taking any
+single-slot hook, so the result does not depend on node order:
 
-- ``OUTER_SAMPLE``: creates the run's :class:`REGRun` (window in σ, the estimator object, the run record, what was
-  already logged) in a copy of the guider's model options, where every other wrapper finds it, and drops it when the
-  run ends, including on interrupt;
-- ``PREDICT_NOISE`` (outermost per step): lets the whole guidance chain run, then returns
-  ``D_c + M_λ ⊙ (D_final − D_c)`` (paper eq. 12, via the step's :class:`nodes.estimators.Estimate`);
-- ``CALC_COND_BATCH``: the first call of a step that holds the positive branch is the main pass; the run's estimator
-  evaluates it (nodes/estimators.py). Later passes (PAG/SAG/SLG extras, the unconditional pass of SLG) are never
-  differentiated;
-- ``APPLY_MODEL``: shifts the gradient-free probe's chunk of the batch.
+- ``OUTER_SAMPLE``: creates the run's :class:`REGRun` in a copy of the guider's model options, where the other
+  wrappers find it; at the run's end (also on interrupt) it logs one line of what REG did and keeps the run's record
+  for REGDiagnostics, keyed by the run's output latent;
+- ``PREDICT_NOISE`` (per model evaluation): lets the whole guidance chain run, then returns
+  ``D_c + M_λ ⊙ (D_guided − D_c)`` from the step's estimate; post-cfg functions that are not guidance
+  (nodes/composition.py) are held back while the chain runs and applied to REG's result;
+- ``CALC_COND_BATCH``: the first call of a step that holds the positive branch is the main pass. There, when this
+  step's cfg, conds and hooks are known, :meth:`REGRun.decide` decides whether REG acts, and the run's estimator
+  runs the call (nodes/estimators/). Later calls (PAG/SAG/SLG extra passes) are never differentiated; when the step
+  is exact they use the differentiated pass's kernels.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import comfy.model_management
 import comfy.model_patcher
-import comfy.model_sampling
+import comfy.samplers
 import torch
 from comfy.patcher_extension import WrappersMP
 
 from ..reg_core import diagnostics, rectify
 from ..reg_core.diagnostics import RunRecord, StepRecord
-from ..reg_core.rectify import Estimator
-from .common import LOGGER_NAME, AddWrapper, REGConfigError
-from .estimators import CondPass, Estimate, FactorEstimate, GradientFree, MEstimator, make_estimator
-from .traced_pass import known_autograd_failure
+from ..reg_core.rectify import Estimator, Space
+from .common import LOGGER_NAME, AddWrapper, REGConfigError, model_space
+from .composition import Composition, acts_after_reg, cache_nodes, describe
+from .estimators import Estimate, FactorEstimate, MEstimator, make_estimator
+from .estimators.gradient_free import GradientFree
+from .passes import CondPass
+from .traced_pass import known_autograd_failure, plain_kernels
 
 log = logging.getLogger(LOGGER_NAME)
 
 WRAPPER_KEY = "reg_guidance"
-WRAPPER_KINDS = (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE, WrappersMP.CALC_COND_BATCH, WrappersMP.APPLY_MODEL)
+WRAPPER_KINDS = (WrappersMP.OUTER_SAMPLE, WrappersMP.PREDICT_NOISE, WrappersMP.CALC_COND_BATCH)
 RUN_KEY = "reg_guidance_run"
-CACHE_WRAPPER_KEYS = ("easycache", "lazycache")
-GUIDANCE_HOOKS = (
-    "sampler_cfg_function",
-    "sampler_pre_cfg_function",
-    "sampler_post_cfg_function",
-    "sampler_calc_cond_batch_function",
-)
+KEPT_RECORDS = 8  # runs per patch REGDiagnostics can find by their output latent
+OUTSIDE_WINDOW = "outside the window"
 
 
 @dataclass(frozen=True)
 class REGSettings:
-    """The user's REG settings (node inputs)."""
+    """The user's REG settings (node inputs), validated once when built."""
 
     strength: float = 1.0
     estimator: Estimator = Estimator.VJP
     start_percent: float = 0.0
     end_percent: float = 1.0
     refresh_every: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "estimator", Estimator(self.estimator))
+        self.validate()
 
     def validate(self) -> None:
         if self.refresh_every < 1:
@@ -78,12 +82,30 @@ class REGSettings:
 
 
 @dataclass
-class StepState:
-    """The step in progress: whether its main pass was claimed, its pass and its estimate."""
+class AfterREG:
+    """A post-cfg function that is not guidance: held back while REG's step runs, applied to REG's result."""
 
-    claimed: bool = False
+    func: Any
+    step: StepState
+
+    def __call__(self, args: dict) -> torch.Tensor:
+        if not self.step.acting:
+            return self.func(args)
+        self.step.deferred.append((self.func, args))
+        return args["denoised"]
+
+
+@dataclass
+class StepState:
+    """One model evaluation in progress."""
+
+    claimed: bool = False  # the main pass was seen
+    acting: bool = False  # REG acts at this evaluation
+    exact: bool = False  # the step's passes use the differentiated pass's kernels
+    skipped: str | None = None  # why REG does not act
     cond_pass: CondPass | None = None
     estimate: Estimate | None = None
+    deferred: list[tuple[Any, dict]] = field(default_factory=list)
 
 
 @dataclass
@@ -91,15 +113,18 @@ class REGRun:
     """Per-sampling-run state, created by the OUTER_SAMPLE wrapper (one per run, never shared between runs)."""
 
     settings: REGSettings
-    flow: bool
+    space: Space | None
     sigma_high: float
     sigma_low: float
     estimator: MEstimator
     guider: Any
     record: RunRecord
+    off: str | None = None  # why REG cannot act in this run at all
     step: StepState | None = None
     evaluations: int = 0
     last_m: torch.Tensor | None = None
+    guidance: str = ""  # what REG rectified, for the run's line
+    fallback: str | None = None
     said: set[str] = field(default_factory=set)
 
     def say_once(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
@@ -119,15 +144,35 @@ class REGRun:
         positive = conds_by_name.get("positive") if isinstance(conds_by_name, dict) else None
         if positive is None:
             return 0 if conds and conds[0] is not None else None
-        for i, cond in enumerate(conds):
-            if cond is positive:
-                return i
-        return None
+        return next((i for i, cond in enumerate(conds) if cond is positive), None)
 
-    def in_window(self, sigma: torch.Tensor) -> bool:
-        """Whether REG acts at this σ (``start/end_percent`` mapped through the model's ``percent_to_sigma``)."""
-        s = float(sigma.max())
-        return self.sigma_low <= s <= self.sigma_high
+    def decide(self, conds: list[Any], positive: int, sigma: torch.Tensor, model_options: dict) -> str | None:
+        """Whether REG acts at this evaluation: None when it does, else why not (the only place that decides).
+
+        Called at the step's main pass, when every wrapper has set the step's cfg (schedules, CFGOverride) and the
+        sampler has chosen its branches (ComfyUI drops the negative at cfg 1).
+        """
+        if self.off is not None:
+            return self.off
+        if self.settings.strength == 0:
+            return "strength is 0"
+        if model_options.get("context_handler") is not None:
+            return "context windows split each step into windows, which REG does not rectify"
+        if not self.sigma_low <= float(sigma.max()) <= self.sigma_high:
+            return OUTSIDE_WINDOW
+        composition = Composition.of(model_options)
+        negative = any(c is not None for i, c in enumerate(conds) if i != positive)
+        cfg = getattr(self.guider, "cfg", None)
+        if type(self.guider).predict_noise is comfy.samplers.CFGGuider.predict_noise:
+            scaled = negative and (cfg != 1 or bool(composition.with_negative))
+        else:  # a guider of its own (DualCFG, PerpNeg, DualModel: its negative may run on another model)
+            cfg = None
+            scaled = negative or getattr(self.guider, "cfg", 1) != 1
+        if not scaled and not composition.always:
+            return "cfg is 1 and no guidance hook is set: there is no guidance to rectify"
+        if not self.guidance:
+            self.guidance = describe(cfg, composition)
+        return None
 
     def fall_back(self, reason: str) -> None:
         """Switch to the gradient-free estimator for the rest of the run, warning once."""
@@ -135,15 +180,21 @@ class REGRun:
             log.warning(
                 "REG: exact gradients are unavailable (%s); using the gradient-free estimator for this run.", reason
             )
+            self.fallback = reason
             self.record.estimator = f"{Estimator.GRADIENT_FREE.value} (fallback: {reason})"
         self.estimator = GradientFree()
 
-    def may_guide(self, model_options: dict) -> bool:
-        """Whether anything can make this step's prediction differ from ``D_c`` (cfg ≠ 1 or a guidance hook)."""
-        cfg = getattr(self.guider, "cfg", None)
-        if not isinstance(cfg, (int, float)) or hasattr(self.guider, "cfg1") or cfg != 1:
-            return True
-        return any(model_options.get(hook) for hook in GUIDANCE_HOOKS)
+    def summary(self) -> str:
+        """The run's one log line: what REG rectified, with which estimator, and why it did not act elsewhere."""
+        acted = sum(step.active for step in self.record.steps)
+        text = f"REG: rectified {acted}/{len(self.record.steps)} evaluations"
+        if acted:
+            mean = self.record.mean_m()
+            mean_text = f", mean M {mean:.2f}" if mean is not None else ""
+            text += f" with {self.record.estimator}{mean_text} ({self.guidance})"
+        if self.record.skipped:
+            text += "; not at " + ", ".join(f"{n}: {why}" for why, n in self.record.skipped.most_common())
+        return text
 
 
 def run_of(options: dict | None) -> REGRun | None:
@@ -165,101 +216,106 @@ def remove_reg(patcher: Any) -> bool:
 
 
 class REGPatch:
-    """The wrappers one REG node installs. Holds only the settings and the last run's record (for REGDiagnostics);
-    everything a run changes lives in that run's :class:`REGRun`."""
+    """The wrappers one REG node installs. Holds only the settings and the records of its last runs (REGDiagnostics
+    finds a run by its output latent); everything a run changes lives in that run's :class:`REGRun`."""
 
     def __init__(self, settings: REGSettings) -> None:
-        settings.validate()
         self.settings = settings
+        self.records: OrderedDict[str, RunRecord] = OrderedDict()
         self.last_record: RunRecord | None = None
 
     def install(self, add_wrapper: AddWrapper) -> None:
         """Register the keyed wrappers with ``add_wrapper(type, key, fn)`` (see :func:`nodes.common.wrapper_adder`)."""
-        for kind, fn in zip(
-            WRAPPER_KINDS, (self.outer_sample, self.predict_noise, self.calc_cond_batch, self.apply_model), strict=True
-        ):
+        for kind, fn in zip(WRAPPER_KINDS, (self.outer_sample, self.predict_noise, self.calc_cond_batch), strict=True):
             add_wrapper(kind, WRAPPER_KEY, fn)
+
+    def record_for(self, samples: torch.Tensor) -> RunRecord | None:
+        """The record of the run whose output is ``samples`` (None when no kept run produced it)."""
+        return self.records.get(diagnostics.latent_key(samples))
 
     def start_run(self, guider: Any) -> REGRun:
         """Fresh state for a sampling run of ``guider``."""
         sampling = guider.model_patcher.get_model_object("model_sampling")
-        flow = isinstance(sampling, comfy.model_sampling.CONST)
+        space = model_space(sampling)
         sigma_high = float(sampling.percent_to_sigma(self.settings.start_percent))
         sigma_low = float(sampling.percent_to_sigma(self.settings.end_percent))
+        flow = space is not None and space.flow
         run = REGRun(
             settings=self.settings,
-            flow=flow,
+            space=space,
             sigma_high=sigma_high,
             sigma_low=sigma_low,
             estimator=make_estimator(self.settings.estimator),
             guider=guider,
             record=RunRecord(sigma_low, sigma_high, flow, self.settings.estimator.value),
         )
+        caches = cache_nodes(guider.model_options)
+        if caches:
+            run.off = f"{', '.join(caches)} serves cached predictions, which have no Jacobian"
+        elif space is None:
+            run.off = "the model adds no noise (an image-to-image flow), so there is no noise level for M"
+        if run.off is not None:
+            log.warning("REG: %s; REG leaves the guidance unchanged in this run.", run.off)
         self.last_record = run.record
-        wrappers = guider.model_options.get("transformer_options", {}).get("wrappers", {})
-        caches = sorted({key for per_type in wrappers.values() for key in per_type if key in CACHE_WRAPPER_KEYS})
-        if caches and self.settings.estimator is not Estimator.GRADIENT_FREE:
-            run.fall_back(f"{', '.join(caches)} serves cached predictions without a graph")
         return run
 
     def outer_sample(self, executor, *args, **kwargs):
         guider = executor.class_obj
         original = guider.model_options
+        run = self.start_run(guider)
         guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-        guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = self.start_run(guider)
+        guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
         try:
-            return executor(*args, **kwargs)
+            output = executor(*args, **kwargs)
+            run.record.output_key = diagnostics.latent_key(output)
+            self.records[run.record.output_key] = run.record
+            while len(self.records) > KEPT_RECORDS:
+                self.records.popitem(last=False)
+            return output
         finally:
             guider.model_options = original
+            log.info("%s", run.summary())
 
     def predict_noise(self, executor, x, timestep, model_options, seed):
         run = run_of(model_options)
-        if run is None or self.settings.strength == 0:
+        if run is None:
             return executor(x, timestep, model_options, seed)
-        if model_options.get("context_handler") is not None:
-            run.say_once("context", "REG: context windows split each step into windows; REG is skipped for this run.")
-            return executor(x, timestep, model_options, seed)
-        if not run.in_window(timestep):
-            run.record.steps.append(StepRecord(sigma=timestep.detach().clone(), active=False))
-            return executor(x, timestep, model_options, seed)
-        if not run.may_guide(model_options):
-            run.say_once("cfg1", "REG: cfg is 1 and no guidance hook is set: there is no guidance to rectify.")
-            run.record.steps.append(StepRecord(sigma=timestep.detach().clone(), active=False))
-            return executor(x, timestep, model_options, seed)
-        run.step = StepState()
+        run.step = step = StepState()
         try:
-            d_final = executor(x, timestep, model_options, seed)
-            return self._rectify(run, run.step, d_final, timestep)
+            d_guided = executor(x, timestep, _hold_back(model_options, step), seed)
+            return self._finish(run, step, d_guided, timestep.detach().clone())
         finally:
             run.step = None
 
-    def _rectify(self, run: REGRun, step: StepState, d_final: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def _finish(self, run: REGRun, step: StepState, d_guided: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """REG's prediction for the step, then the post-cfg functions that act after it."""
+        if not step.acting or step.estimate is None:
+            reason = step.skipped or "the positive branch was never evaluated (a custom guider or cond-batch function)"
+            if step.skipped is None:
+                run.say_once("no-pass", "REG: %s; REG is skipped at such steps.", reason)
+            run.record.skipped[reason] += 1
+            run.record.steps.append(StepRecord(sigma=sigma, active=False))
+            return d_guided
+        result = self._rectify(run, step, d_guided, sigma)
+        for func, args in step.deferred:
+            result = func({**args, "denoised": result})
+        return result
+
+    def _rectify(self, run: REGRun, step: StepState, d_guided: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         estimate = step.estimate
-        sigma = sigma.detach().clone()
-        if estimate is None:
-            run.say_once(
-                "no-pass",
-                "REG: the positive branch was never evaluated in a step (a custom guider or cond-batch function); "
-                "REG is skipped at such steps.",
-            )
-            run.record.steps.append(StepRecord(sigma=sigma, active=False))
-            return d_final
-        if torch.equal(d_final, estimate.d_c):
-            run.record.steps.append(StepRecord(sigma=sigma, active=False))
-            return d_final
         try:
-            result = estimate.rectify(d_final, self.settings.strength)
+            result = estimate.rectify(d_guided, self.settings.strength)
         except torch.OutOfMemoryError:
             comfy.model_management.soft_empty_cache()
-            result = self._fall_back_now(run, step, d_final, "not enough memory for the backward pass")
+            estimate, result = self._fall_back_now(run, step, d_guided, "not enough memory for the backward pass")
         except (RuntimeError, NotImplementedError) as err:
             reason = known_autograd_failure(err)
             if reason is None:
                 kind = run.estimator.kind.value
                 raise RuntimeError(f"REGGuidance ({kind}): the backward pass failed: {err}") from err
-            result = self._fall_back_now(run, step, d_final, reason)
-        delta = d_final - estimate.d_c
-        m = step.estimate.factor_map()
+            estimate, result = self._fall_back_now(run, step, d_guided, reason)
+        delta = d_guided - estimate.d_c
+        m = estimate.factor_map()
         run.record.steps.append(
             StepRecord(
                 sigma=sigma,
@@ -270,21 +326,32 @@ class REGPatch:
         )
         return result
 
-    def _fall_back_now(self, run: REGRun, step: StepState, d_final: torch.Tensor, reason: str) -> torch.Tensor:
-        """Fall back in the middle of a step: M from one extra probe pass, since ``D_c`` is already known."""
+    def _fall_back_now(self, run: REGRun, step: StepState, d_guided: torch.Tensor, reason: str):
+        """Fall back in the middle of a step: the gradient-free estimate of the step's main call."""
         run.fall_back(reason)
-        step.estimate = run.estimator.separate(step.cond_pass, step.estimate.d_c)
-        return step.estimate.rectify(d_final, self.settings.strength)
+        _, estimate = run.estimator.evaluate(step.cond_pass)
+        return estimate, estimate.rectify(d_guided, self.settings.strength)
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         run = run_of(model_options)
         step = run.step if run is not None else None
-        if step is None or step.claimed:
+        if step is None:
             return executor(model, conds, x_in, timestep, model_options)
+        if step.claimed:
+            if not step.exact:
+                return executor(model, conds, x_in, timestep, model_options)
+            with plain_kernels(model_options) as options:  # an extra guidance pass: the step's kernels
+                return executor(model, conds, x_in, timestep, options)
         pos = run.positive_index(conds)
         if pos is None or conds[pos] is None:
             return executor(model, conds, x_in, timestep, model_options)
         step.claimed = True
+        step.skipped = run.decide(conds, pos, timestep, model_options)
+        if step.skipped is not None:
+            if step.skipped != OUTSIDE_WINDOW and run.off is None:
+                run.say_once(step.skipped, "REG: %s.", step.skipped)
+            return executor(model, conds, x_in, timestep, model_options)
+        step.acting = True
         step.cond_pass = CondPass(
             executor=executor,
             model=model,
@@ -293,29 +360,36 @@ class REGPatch:
             x=x_in,
             timestep=timestep,
             model_options=model_options,
-            factor=rectify.flow_factor(timestep, x_in, run.flow),
-            flow=run.flow,
+            space=run.space,
+            cobatch=Composition.of(model_options).cobatch,
         )
+        return self._evaluate(run, step)
+
+    def _evaluate(self, run: REGRun, step: StepState) -> list[torch.Tensor]:
+        """The main call through the run's estimator, or with the last M when ``refresh_every`` reuses it."""
+        cond_pass = step.cond_pass
         evaluation = run.evaluations
         run.evaluations += 1
         k = self.settings.refresh_every
-        reuse = run.last_m is not None and run.last_m.shape == x_in.shape
+        reuse = run.last_m is not None and run.last_m.shape == cond_pass.x.shape
         if reuse and not rectify.is_fresh_evaluation(evaluation, k):
-            out = executor(model, conds, x_in, timestep, model_options)
-            step.estimate = FactorEstimate(out[pos], run.last_m)
-            return out
-        out, step.estimate = self._evaluate(run, step.cond_pass)
+            outputs = cond_pass.main()
+            d_c = cond_pass.positive_only() if cond_pass.cobatch else outputs[cond_pass.positive]
+            step.estimate = FactorEstimate(d_c, run.last_m)
+            return outputs
+        outputs, step.estimate = self._estimate(run, cond_pass)
+        step.exact = run.estimator.kind is not Estimator.GRADIENT_FREE
         if k > 1:
             run.last_m = step.estimate.factor_map()
-        return out
+        return outputs
 
-    def _evaluate(self, run: REGRun, cond_pass: CondPass) -> tuple[list[torch.Tensor], Estimate]:
-        """The run's estimator on the main pass, falling back to gradient-free for the failures it can name."""
+    def _estimate(self, run: REGRun, cond_pass: CondPass) -> tuple[list[torch.Tensor], Estimate]:
+        """The run's estimator on the main call, falling back to gradient-free for the failures it can name."""
         try:
-            result = run.estimator.evaluate(cond_pass)
-            if run.estimator.kind is not Estimator.GRADIENT_FREE:  # a fallback keeps its own record text
+            outputs, estimate = run.estimator.evaluate(cond_pass)
+            if run.fallback is None:
                 run.record.estimator = run.estimator.label
-            return result
+            return outputs, estimate
         except torch.OutOfMemoryError:
             comfy.model_management.soft_empty_cache()
             reason = "not enough memory for the backward pass"
@@ -328,13 +402,11 @@ class REGPatch:
         run.fall_back(reason)
         return run.estimator.evaluate(cond_pass)
 
-    def apply_model(self, executor, x, t, *args, **kwargs):
-        """Shift the gradient-free probe's chunk of the batch (see :class:`nodes.estimators.GradientFree`).
 
-        ``apply_model`` computes ``D`` from the ``x`` it receives, so shifting here gives exactly ``D_c(x + h)``.
-        """
-        options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-        run = run_of(options)
-        if run is not None and isinstance(run.estimator, GradientFree):
-            x = run.estimator.shift(x, options.get("cond_or_uncond", []))
-        return executor(x, t, *args, **kwargs)
+def _hold_back(model_options: dict, step: StepState) -> dict:
+    """``model_options`` whose post-cfg functions that are not guidance wait for REG's result (:class:`AfterREG`)."""
+    post = model_options.get("sampler_post_cfg_function", [])
+    if not any(acts_after_reg(fn) for fn in post):
+        return model_options
+    held = [AfterREG(fn, step) if acts_after_reg(fn) else fn for fn in post]
+    return {**model_options, "sampler_post_cfg_function": held}

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
-import comfy.model_sampling
 from comfy.patcher_extension import WrappersMP
 
-from ..reg_core import schedules
+from ..reg_core import rectify, schedules
+from ..reg_core.rectify import Space
 from ..reg_core.schedules import Progress, Schedule
-from .common import LOGGER_NAME, AddWrapper, REGConfigError
-from .guidance_hooks import has_apg
+from .common import LOGGER_NAME, AddWrapper, REGConfigError, model_space
+from .composition import Composition, without_cond_anchored
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -37,16 +36,6 @@ class ScheduleSettings:
             raise REGConfigError(f"exponent must be positive, got {self.exponent}.")
 
 
-def ve_sigma(sigma: float, flow: bool) -> float:
-    """σ in the EDM/VE convention: flow models' σ maps to ``σ/(1−σ)`` (``x/(1−σ) = x0 + σ/(1−σ)·ε``).
-
-    The interval schedule's window is given in EDM σ (the REG paper's EDM2 setting, Kynkäänniemi et al. 2024).
-    """
-    if not flow:
-        return sigma
-    return math.inf if sigma >= 1 else sigma / (1 - sigma)
-
-
 @dataclass
 class ScheduleRun:
     """Per-sampling-run state of a :class:`SchedulePatch` (created by its OUTER_SAMPLE wrapper)."""
@@ -57,8 +46,9 @@ class ScheduleRun:
 class SchedulePatch:
     """Wrappers that set the guider's cfg to the scheduled value for each step, then restore it.
 
-    CFG's cfg is uncond-anchored, so the weight is ``w = cfg − 1`` and the step's cfg ``1 + w(σ, p)``; under this
-    pack's APG the cfg is APG's cond-anchored scale, the weight itself, and the step's cfg is ``w(σ, p)``.
+    CFG's cfg is uncond-anchored, so the weight is ``w = cfg − 1`` and the step's cfg ``1 + w(σ, p)``; under APG
+    (ComfyUI's node or this pack's) the cfg is APG's cond-anchored scale, the weight itself, and the step's cfg is
+    ``w(σ, p)``. The interval window is in EDM σ (:meth:`reg_core.rectify.Space.ve_sigma`).
     """
 
     def __init__(self, settings: ScheduleSettings) -> None:
@@ -71,12 +61,12 @@ class SchedulePatch:
         add_wrapper(WrappersMP.PREDICT_NOISE, SCHEDULE_KEY, self.predict_noise)
 
     def cfg_at(
-        self, base_cfg: float, sigma: float, sample_sigmas: list[float], flow: bool, *, cond_anchored: bool = False
+        self, base_cfg: float, sigma: float, sample_sigmas: list[float], space: Space, *, cond_anchored: bool = False
     ) -> float:
         """The scheduled cfg for this step; ``cond_anchored``: the cfg is APG's scale (``w = cfg``, not ``cfg − 1``)."""
         s = self.settings
         offset = 0.0 if cond_anchored else 1.0
-        sig = ve_sigma(sigma, flow)
+        sig = space.ve_sigma(sigma)
         if s.progress is Progress.STEPS:
             progress = schedules.step_progress(sigma, sample_sigmas)
         else:
@@ -113,11 +103,13 @@ class SchedulePatch:
             return executor(x, timestep, model_options, seed)
         sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         steps = [float(v) for v in sample_sigmas] if sample_sigmas is not None else [float(timestep.max())]
-        flow = isinstance(guider.model_patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
-        apg = has_apg(model_options)
-        if apg:  # APG at scale 1 still needs the negative pass ComfyUI skips at cfg 1
+        space = model_space(guider.model_patcher.get_model_object("model_sampling")) or rectify.VE
+        apg = Composition.of(model_options).cond_anchored
+        guider.cfg = self.cfg_at(float(base), float(timestep.max()), steps, space, cond_anchored=apg)
+        if apg and guider.cfg == 0:  # no guidance: the positive prediction alone (APG would divide by its scale)
+            model_options, guider.cfg = without_cond_anchored(model_options), 1.0
+        elif apg:  # APG at scale 1 still needs the negative pass ComfyUI skips at cfg 1
             model_options = {**model_options, "disable_cfg1_optimization": True}
-        guider.cfg = self.cfg_at(float(base), float(timestep.max()), steps, flow, cond_anchored=apg)
         try:
             return executor(x, timestep, model_options, seed)
         finally:

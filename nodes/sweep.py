@@ -4,7 +4,7 @@ For every selected method (plain CFG, CFG + REG, APG + REG, PAG + REG) and every
 latent with the same seed and noise exactly as KSampler does (``comfy.sample.sample`` on a patched ``model.clone()``),
 decodes it with the VAE and scores the images with the CLIP score (:mod:`reg_core.metrics.clip_score`). The patches
 are the pack's own: REG through :class:`REGPatch` installed like the REGGuidance node does, APG through
-:func:`apg_pre_cfg` with a fresh :class:`reg_core.guidance.APG` per run, PAG through :func:`pag_post_cfg`. Parsing
+:class:`APGPreCfg` with a fresh :class:`reg_core.guidance.APG` per run, PAG through :func:`pag_post_cfg`. Parsing
 and planning are in :mod:`reg_core.sweep`, the plot and the grid in :mod:`reg_core.plots.sweep`.
 """
 
@@ -26,12 +26,11 @@ from ..reg_core import diagnostics, sweep
 from ..reg_core.guidance import APG
 from ..reg_core.metrics import clip_score
 from ..reg_core.plots import sweep as sweep_plots
-from ..reg_core.rectify import Estimator
 from .clip_score import CATEGORY, CLIP_SCORE_MODEL, ManagedScorer, score
 from .common import LOGGER_NAME, wrapper_adder
 from .diagnostics import to_image
 from .guidance import apg_pag_inputs, reg_inputs
-from .guidance_hooks import apg_pre_cfg, pag_post_cfg
+from .guidance_hooks import APGPreCfg, pag_post_cfg
 from .reg_runtime import REGPatch, REGSettings, remove_reg
 
 log = logging.getLogger(LOGGER_NAME)
@@ -57,7 +56,7 @@ def patched_model(base, method: str, settings: REGSettings, apg: dict, pag_scale
     """``base.clone()`` patched for ``method`` the way REGGuidance (and ComfyUI's APG/PAG nodes) would patch it."""
     m = base.clone()
     if method == "apg_reg":
-        m.set_model_sampler_pre_cfg_function(apg_pre_cfg(APG(**apg)))  # fresh momentum state for every run
+        m.set_model_sampler_pre_cfg_function(APGPreCfg(APG(**apg)))  # fresh momentum state for every run
         m.model_options["disable_cfg1_optimization"] = True  # APG at scale 1 still needs the negative pass
     elif method == "pag_reg":
         m.set_model_sampler_post_cfg_function(pag_post_cfg(pag_scale))
@@ -246,14 +245,7 @@ class REGGuidanceSweep(io.ComfyNode):
             "include_pag_reg": include_pag_reg,
         }
         runs = sweep.plan_runs([METHOD_INPUTS[name] for name, on in flags.items() if on], cfgs)
-        settings = REGSettings(
-            strength=strength,
-            estimator=Estimator(estimator),
-            start_percent=start_percent,
-            end_percent=end_percent,
-            refresh_every=refresh_every,
-        )
-        settings.validate()
+        settings = REGSettings(strength, estimator, start_percent, end_percent, refresh_every)
         if truncation not in clip_score.TRUNCATION_MODES:
             raise clip_score.InvalidInputError(f"truncation must be one of {clip_score.TRUNCATION_MODES}.")
         try:

@@ -3,18 +3,20 @@
 ComfyUI samples inside ``torch.inference_mode`` with weights that were loaded, patched or cast there, and today's
 models run custom kernels without a backward (``comfy_kitchen`` RoPE, fused norms) and update residual streams in
 place after the tensors were saved for backward. For the one pass whose Jacobian REG needs (``M = a(σ)·∇_x Σ D_c``,
-paper eq. 12), :class:`TracedPass` switches, and always restores, also on error and interrupt:
+README, "What REG does"), :class:`TracedPass` switches, and always restores, also on error and interrupt:
 
 - inference mode off and autograd on;
-- ComfyUI's own ``comfy.model_management.in_training`` flag, which makes the models take their plain-torch code paths
-  (the custom kernels have no autograd formula);
+- the kernels (:func:`plain_kernels`): ComfyUI's own ``comfy.model_management.in_training`` flag, which makes the
+  models take their plain-torch code paths (the custom kernels have no autograd formula), and attention through a
+  kernel with a backward (``optimized_attention_override``: sage, flash and int8 attention have none). The other
+  passes of the step use the same kernels, so ``D_c`` and ``D_u`` come from one numeric path;
 - a saved-tensor guard (:class:`SavedTensorGuard`) that notices tensors overwritten before the backward read them
   (in-place updates, reused cast buffers) and, for networks that do that, gives autograd private copies;
 - a gradient audit (:class:`GradientAudit`) that notices layers that silently drop out of the graph (quantised
   layers, detached outputs), so M is never computed from a partial Jacobian without a word;
 - optionally, per-block recomputation (:class:`BlockCheckpointing`) that bounds the saved activations.
 
-The untraced passes (unconditional branch, extra guidance passes, gradient-free probes) never see any of this.
+The untraced passes see none of this but the kernels.
 """
 
 from __future__ import annotations
@@ -80,29 +82,41 @@ def make_differentiable(modules: Iterable[torch.nn.Module], device: torch.device
     not on the compute device is copied to it by ComfyUI's cast at every forward, and inside the traced pass that copy
     is an ordinary tensor, so it is left alone — pinned and streamed buffers are never swapped for clones. Tensor
     subclasses (quantised weights) are never replaced either: a layer that saves one for backward fails with a named
-    autograd error, and REG falls back. Values are unchanged and ``requires_grad`` stays False. All copies are made
-    before any is installed, so a failure leaves the shared model exactly as it was.
+    autograd error, and REG falls back. Values are unchanged and ``requires_grad`` stays False. One tensor is copied
+    and installed at a time (the peak is one weight, not a second model); a failure puts every replaced tensor back,
+    so the shared model is exactly as it was.
     """
-    replacements: list[tuple[dict[str, Any], str, Any]] = []
-    with torch.inference_mode(False), torch.no_grad():
-        for root in modules:
-            for module in root.modules():
-                for table, wrap in ((module._parameters, True), (module._buffers, False)):
-                    for name, tensor in table.items():
-                        if tensor is None or type(tensor) not in PLAIN_TENSORS:
-                            continue  # tensor subclasses (quantised weights) stay as they are
-                        if not tensor.is_inference() or tensor.device != device:
-                            continue
-                        copy = tensor.clone()
-                        value = torch.nn.Parameter(copy, requires_grad=False) if wrap else copy
-                        replacements.append((table, name, value))
-    for table, name, value in replacements:
-        table[name] = value
-    return len(replacements)
+    replaced: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            for root in modules:
+                for module in root.modules():
+                    for table, wrap in ((module._parameters, True), (module._buffers, False)):
+                        for name, tensor in list(table.items()):
+                            if tensor is None or type(tensor) not in PLAIN_TENSORS:
+                                continue  # tensor subclasses (quantised weights) stay as they are
+                            if not tensor.is_inference() or tensor.device != device:
+                                continue
+                            copy = tensor.clone()
+                            table[name] = torch.nn.Parameter(copy, requires_grad=False) if wrap else copy
+                            replaced.append((table, name, tensor))
+    except BaseException:
+        for table, name, original in reversed(replaced):
+            table[name] = original
+        raise
+    return len(replaced)
 
 
 class InPlaceUpdateError(NoGraphError):
     """A tensor saved for the backward was written before the backward read it (an in-place update, a reused buffer)."""
+
+
+class GraphTooLargeError(RuntimeError):
+    """The graph being recorded outgrew the memory budget of its pass (the pass stops there, nothing is kept)."""
+
+
+class RecomputeMismatchError(NoGraphError):
+    """A block recomputed for the backward did not reproduce its forward output."""
 
 
 class SavedTensorGuard:
@@ -116,14 +130,21 @@ class SavedTensorGuard:
     weight cast into a shared per-stream buffer, any other non-parameter tensor) is saved as a private copy, made once
     per tensor version and shared by every op that saves it. A model parameter is always saved as is (copying it would
     duplicate the weights) and version-checked. ``saved_bytes`` counts the distinct non-parameter bytes saved in
-    either mode: the size of the graph.
+    either mode: the size of the graph. With a ``budget`` (bytes), a graph that outgrows it stops the forward with
+    :class:`GraphTooLargeError` before it can exhaust the device's memory.
     """
 
-    def __init__(self, parameters: Iterable[torch.Tensor], *, copy: bool) -> None:
+    def __init__(self, parameters: Iterable[torch.Tensor], *, copy: bool, budget: float | None = None) -> None:
         self._parameter_storages = {_storage(p) for p in parameters} - {None}
         self.copy = copy
+        self.budget = budget
         self._seen: dict[int, tuple[weakref.ref, int, weakref.ref | None]] = {}
         self.saved_bytes = 0
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        self.saved_bytes += tensor.numel() * tensor.element_size()
+        if self.budget is not None and self.saved_bytes > self.budget:
+            raise GraphTooLargeError(f"the graph outgrew {self.budget / 1e9:.2f} GB")
 
     def _pack(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         if not tensor.requires_grad and _storage(tensor) in self._parameter_storages:
@@ -133,13 +154,13 @@ class SavedTensorGuard:
         fresh = seen is None or seen[0]() is not tensor or seen[1] != tensor._version
         if not self.copy:
             if fresh:
-                self.saved_bytes += tensor.numel() * tensor.element_size()
+                self._count(tensor)
                 self._seen[key] = (weakref.ref(tensor), tensor._version, None)
             return tensor, tensor._version
         copy = None if fresh or seen[2] is None else seen[2]()
         if copy is None:
             copy = tensor.detach().clone()
-            self.saved_bytes += copy.numel() * copy.element_size()
+            self._count(copy)
             self._seen[key] = (weakref.ref(tensor), tensor._version, weakref.ref(copy))
         return copy, None
 
@@ -247,9 +268,10 @@ class _Recompute(torch.autograd.Function):
 
     The block runs on private copies of its inputs (blocks of today's models update their inputs in place); the
     inputs are kept as the guard keeps saved tensors (by reference with a version check, or as copies in its copy
-    mode), and the recomputation runs under
-    the pass's saved-tensor guard and with ComfyUI's ``in_training`` still on (the whole backward is inside
-    :class:`TracedPass`). Non-tensor outputs (e.g. a ``None`` context of a last MMDiT block) pass through.
+    mode), and the recomputation runs under the pass's saved-tensor guard and with the pass's kernels still on (the
+    whole backward is inside :class:`TracedPass`). The recomputation must give the forward's output: a fingerprint
+    of each output (its sum and sum of squares) is compared, and a mismatch raises :class:`RecomputeMismatchError`.
+    Non-tensor outputs (e.g. a ``None`` context of a last MMDiT block) pass through.
     """
 
     @staticmethod
@@ -264,6 +286,7 @@ class _Recompute(torch.autograd.Function):
         finally:
             traced.audit.paused -= 1
         outputs = out if isinstance(out, tuple) else (out,)
+        ctx.fingerprints = [_fingerprint(o) for o in outputs]
         return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
 
     @staticmethod
@@ -276,6 +299,9 @@ class _Recompute(torch.autograd.Function):
         with torch.enable_grad(), ctx.guard.hooks():
             out = ctx.call([t.clone() if t.requires_grad else t for t in inputs])
         outputs = out if isinstance(out, tuple) else (out,)
+        for recomputed, fingerprint in zip(outputs, ctx.fingerprints, strict=True):
+            if not _same_fingerprint(_fingerprint(recomputed), fingerprint):
+                raise RecomputeMismatchError("a block recomputed for the backward did not reproduce its forward output")
         pairs = [
             (o, g)
             for o, g in zip(outputs, grads, strict=True)
@@ -287,8 +313,25 @@ class _Recompute(torch.autograd.Function):
             if pairs and wanted
             else [None] * len(wanted)
         )
-        ctx.inputs = None
+        ctx.inputs = ctx.fingerprints = None
         return (None, None, *(next(found) if t.requires_grad else None for t in inputs))
+
+
+def _fingerprint(value: Any) -> torch.Tensor | None:
+    """``(Σx, Σx², n)`` of a floating tensor in float64 (None for anything else): cheap, and moves with any change."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return None
+    flat = value.detach().double()
+    return torch.stack([flat.sum(), flat.square().sum(), flat.new_tensor(flat.numel())])
+
+
+def _same_fingerprint(got: torch.Tensor | None, want: torch.Tensor | None, rtol: float = 1e-3) -> bool:
+    """Equal within ``rtol`` of the tensor's scale (the sum against ``√(n·Σx²)``, the square sum against itself)."""
+    if got is None or want is None:
+        return got is None and want is None
+    scale = float(torch.sqrt(want[2] * want[1])) + 1e-30
+    same_sum = abs(float(got[0] - want[0])) <= rtol * scale
+    return same_sum and abs(float(got[1] - want[1])) <= rtol * float(want[1]) + 1e-30
 
 
 class BlockCheckpointing:
@@ -312,14 +355,16 @@ class BlockCheckpointing:
         tensors = [args[i] for i in positions] + [kwargs[k] for k in names]
         if not any(t.requires_grad for t in tensors) or _nested_grad(args, kwargs, positions, names):
             return forward(*args, **kwargs)
+        # dicts as they are now: ComfyUI's UNet loop rewrites its transformer_options ("block", …) in place later
+        frozen_args = [dict(a) if isinstance(a, dict) else a for a in args]
         frozen_kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
         returned_tuple: list[bool] = []
 
         def call(values: list[torch.Tensor]) -> Any:
-            new_args = list(args)
+            new_args = [dict(a) if isinstance(a, dict) else a for a in frozen_args]
             for i, v in zip(positions, values[: len(positions)], strict=True):
                 new_args[i] = v
-            new_kwargs = dict(frozen_kwargs)
+            new_kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in frozen_kwargs.items()}
             for k, v in zip(names, values[len(positions) :], strict=True):
                 new_kwargs[k] = v
             out = forward(*new_args, **new_kwargs)
@@ -367,15 +412,21 @@ class TracedPass:
 
     ``network`` is the diffusion model (``BaseModel.diffusion_model``), ``parameters`` every weight the pass may save
     (the model's and attached ControlNets'); ``checkpoint`` turns on :class:`BlockCheckpointing`, ``copy`` the
-    guard's private copies (:class:`SavedTensorGuard`). Use
+    guard's private copies and ``budget`` its size limit (:class:`SavedTensorGuard`). Use
     ``with TracedPass(...) as tp:`` around both the forward and the backward, and call :meth:`check` after the
     forward.
     """
 
     def __init__(
-        self, network: torch.nn.Module, parameters: Iterable[torch.Tensor], *, checkpoint: bool, copy: bool
+        self,
+        network: torch.nn.Module,
+        parameters: Iterable[torch.Tensor],
+        *,
+        checkpoint: bool,
+        copy: bool,
+        budget: float | None = None,
     ) -> None:
-        self.guard = SavedTensorGuard(parameters, copy=copy)
+        self.guard = SavedTensorGuard(parameters, copy=copy, budget=budget)
         self.audit = GradientAudit(network)
         self.checkpointing = BlockCheckpointing(network, self) if checkpoint else None
         self._stack: contextlib.ExitStack | None = None
@@ -422,3 +473,48 @@ def _in_training() -> Iterator[None]:
         yield
     finally:
         comfy.model_management.in_training = previous
+
+
+def _attention_override(previous: Callable | None) -> Callable:
+    """An ``optimized_attention_override`` that runs every attention call through a kernel with a backward.
+
+    ComfyUI calls it with the kernel it chose at start-up (``func``): basic, sub-quadratic, split and PyTorch's SDPA
+    kernels are plain torch and kept; sage, sageattn3, flash, xformers and int8 attention have no (or no exact)
+    backward and are replaced by SDPA with the same arguments. An override already in the options (another pack's)
+    still runs, with the chosen kernel as its ``func``.
+    """
+    from comfy.ldm.modules import attention
+
+    def raw(kernel: Callable) -> Callable:
+        return getattr(kernel, "__wrapped__", kernel)
+
+    plain = {raw(k) for k in (attention.attention_basic, attention.attention_sub_quad, attention.attention_split)}
+    sdpa = raw(attention.attention_pytorch)
+    plain.add(sdpa)
+
+    def override(func: Callable, *args: Any, **kwargs: Any) -> Any:
+        kernel = func if raw(func) in plain else sdpa
+        if previous is not None:
+            return previous(kernel, *args, **kwargs)
+        return kernel(*args, **kwargs)
+
+    override.reg_plain_kernels = True
+    return override
+
+
+@contextlib.contextmanager
+def plain_kernels(model_options: dict) -> Iterator[dict]:
+    """``model_options`` whose attention runs a kernel with a backward, with ComfyUI's ``in_training`` on meanwhile.
+
+    Used for the differentiated pass and, so that every prediction of the step comes from the same numeric path, for
+    the step's other passes. Options that already carry this override are passed through unchanged.
+    """
+    transformer_options = model_options.get("transformer_options", {})
+    previous = transformer_options.get("optimized_attention_override")
+    if getattr(previous, "reg_plain_kernels", False):
+        options = model_options
+    else:
+        kernels = {**transformer_options, "optimized_attention_override": _attention_override(previous)}
+        options = {**model_options, "transformer_options": kernels}
+    with _in_training():
+        yield options

@@ -12,6 +12,8 @@ until read.
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -76,13 +78,21 @@ class StepRecord:
 
 @dataclass
 class RunRecord:
-    """What REG did over one sampling run: the REG window (in the sampler's σ) and every evaluation's record."""
+    """What REG did over one sampling run: the REG window (in the sampler's σ), every evaluation's record, why REG
+    did not act where it did not (reason → count), and the key of the run's output latent (:func:`latent_key`)."""
 
     sigma_low: float
     sigma_high: float
     flow: bool
     estimator: str
     steps: list[StepRecord] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    output_key: str | None = None
+
+    def mean_m(self) -> float | None:
+        """The mean of M over every evaluation where REG acted with an M (None when there is none)."""
+        values = [v for s in self.steps if s.active and "mean" in s.stats for v in s.stats["mean"].tolist() if v == v]
+        return sum(values) / len(values) if values else None
 
     def to_dict(self) -> dict:
         """Plain-Python form (lists of per-sample floats), for JSON output."""
@@ -91,6 +101,7 @@ class RunRecord:
             "sigma_high": self.sigma_high,
             "flow": self.flow,
             "estimator": self.estimator,
+            "not_acting": dict(self.skipped),
             "steps": [
                 {
                     "index": i,
@@ -126,12 +137,18 @@ def check_latent(samples: object, input_name: str) -> None:
         )
 
 
+def latent_key(samples: Tensor) -> str:
+    """A key that identifies a sampler's output latent by its values (device and memory layout do not matter)."""
+    data = samples.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16)
+    digest.update(str(tuple(data.shape)).encode())
+    return digest.hexdigest()
+
+
 def inactive_note(record: RunRecord) -> str:
     """Why there is nothing to show when REG acted at no evaluation of the run."""
-    return (
-        f"REG did not act in the last run ({len(record.steps)} model evaluations): outside its start/end window, "
-        "strength 0, or cfg 1 (no negative prediction) at every step."
-    )
+    reasons = "; ".join(f"{reason} ({count})" for reason, count in record.skipped.most_common())
+    return f"REG did not act in this run ({len(record.steps)} model evaluations): {reasons or 'no evaluation'}."
 
 
 def active_steps(record: RunRecord) -> list[int]:

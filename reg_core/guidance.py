@@ -32,7 +32,7 @@ def _sample_dims(t: Tensor) -> list[int]:
 
 
 def project(v: Tensor, onto: Tensor) -> tuple[Tensor, Tensor]:
-    """Split ``v`` into the parts parallel and orthogonal to ``onto``, per sample (APG, Sadat et al. 2024, eq. 6)."""
+    """Split ``v`` into the parts parallel and orthogonal to ``onto``, per sample (APG, Sadat et al. 2024)."""
     dims = _sample_dims(v)
     unit = torch.nn.functional.normalize(onto, dim=dims)
     parallel = (v * unit).sum(dim=dims, keepdim=True) * unit

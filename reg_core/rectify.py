@@ -16,7 +16,9 @@ stack of per-sample gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -56,22 +58,48 @@ def per_sample(values: Tensor | float, like: Tensor) -> Tensor:
     return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
 
 
-def flow_factor(sigma: Tensor | float, like: Tensor, flow: bool) -> Tensor:
-    """The space factor ``a(σ)`` (README, "What REG does"): ``1`` for VE-space models, ``1 − σ`` for CONST (flow).
+@dataclass(frozen=True)
+class Space:
+    """Where the sampler's state ``x`` lives, which fixes ``a(σ)``, the noise level in EDM terms and the state's scale.
 
-    For flow models ``x = (1−σ)x0 + σε``; the VE state is ``x/(1−σ)``, so ``∇_{x_VE} = (1−σ)∇_x``.
+    VE (``flow=False``: EPS, V, EDM, X0, Cosmos): ``x = x0 + σε``. Flow (``flow=True``: ComfyUI's CONST):
+    ``x = (1−σ)x0 + sσε`` with the model's ``noise_scale`` ``s`` (1 for nearly every model); its VE state is
+    ``x/(1−σ) = x0 + sσ/(1−σ)·ε``, so ``∇_{x_VE} = (1−σ)∇_x`` (README, "What REG does").
     """
-    if not flow:
-        return torch.ones((), dtype=like.dtype, device=like.device)
-    return 1 - per_sample(sigma, like)
+
+    flow: bool = False
+    noise_scale: float = 1.0
+
+    def factor(self, sigma: Tensor | float, like: Tensor) -> Tensor:
+        """The space factor ``a(σ)``: ``1`` in VE space, ``1 − σ`` in flow space (per sample, broadcastable)."""
+        if not self.flow:
+            return torch.ones((), dtype=like.dtype, device=like.device)
+        return 1 - per_sample(sigma, like)
+
+    def ve_sigma(self, sigma: float) -> float:
+        """The noise level in the EDM/VE convention: ``σ`` in VE space, ``sσ/(1−σ)`` in flow space."""
+        if not self.flow:
+            return sigma
+        return math.inf if sigma >= 1 else self.noise_scale * sigma / (1 - sigma)
+
+    def state_scale(self, sigma: Tensor | float, like: Tensor) -> Tensor:
+        """The per-element scale of the state for unit-variance data: ``√(1+σ²)``, or ``√((1−σ)²+s²σ²)`` for flow."""
+        s = per_sample(sigma, like)
+        if self.flow:
+            return torch.sqrt((1 - s) ** 2 + (self.noise_scale * s) ** 2)
+        return torch.sqrt(1 + s**2)
 
 
-def column_sums(d_c: Tensor, x: Tensor, *, retain_graph: bool = False) -> Tensor:
-    """``Jᵀ𝟙 = ∇_x Σ_i D_c,i(x)``: one vector-Jacobian product with the all-ones vector (paper eq. for M).
+VE = Space()
+FLOW = Space(flow=True)
+
+
+def column_sums(d_c: Tensor, x: Tensor) -> Tensor:
+    """``Jᵀ𝟙 = ∇_x Σ_i D_c,i(x)``: one vector-Jacobian product with the all-ones vector (README, "What REG does").
 
     ``d_c`` must have been computed from ``x`` (which requires grad) with autograd enabled.
     """
-    (grad,) = torch.autograd.grad(d_c, x, grad_outputs=torch.ones_like(d_c), retain_graph=retain_graph)
+    (grad,) = torch.autograd.grad(d_c, x, grad_outputs=torch.ones_like(d_c))
     return grad
 
 
@@ -93,7 +121,7 @@ def denoise_with_graph(denoise: Denoiser, x: Tensor) -> tuple[Tensor, Tensor]:
     return d_c, leaf
 
 
-def reg_factor_vjp(denoise: Denoiser, x: Tensor, sigma: Tensor | float, *, flow: bool = False) -> tuple[Tensor, Tensor]:
+def reg_factor_vjp(denoise: Denoiser, x: Tensor, sigma: Tensor | float, *, space: Space = VE) -> tuple[Tensor, Tensor]:
     """``(D_c, M)`` with ``M = a(σ)·∇_x Σ D_c(x)`` computed exactly by one VJP (README, "What REG does").
 
     Returns detached tensors; the graph is freed before returning.
@@ -101,18 +129,13 @@ def reg_factor_vjp(denoise: Denoiser, x: Tensor, sigma: Tensor | float, *, flow:
     with torch.enable_grad():
         d_c, leaf = denoise_with_graph(denoise, x)
         m = column_sums(d_c, leaf)
-    return d_c.detach(), m * flow_factor(sigma, x, flow)
+    return d_c.detach(), m * space.factor(sigma, x)
 
 
-def fd_step(sigma: Tensor | float, like: Tensor, *, flow: bool, relative: float = 1e-3) -> Tensor:
-    """Per-sample finite-difference step ``h`` for the gradient-free estimator.
-
-    The denoiser varies on the scale of the state itself, ``√(1+σ²)`` in VE space (data of unit scale plus noise)
-    and ``√((1−σ)²+σ²)`` in flow space; ``h`` is ``relative`` times that scale.
-    """
-    s = per_sample(sigma, like)
-    scale = torch.sqrt((1 - s) ** 2 + s**2) if flow else torch.sqrt(1 + s**2)
-    return relative * scale
+def fd_step(sigma: Tensor | float, like: Tensor, *, space: Space, relative: float = 1e-3) -> Tensor:
+    """Per-sample finite-difference step ``h`` for the gradient-free estimator: ``relative`` times the state's scale
+    (:meth:`Space.state_scale`), the scale on which the denoiser varies."""
+    return relative * space.state_scale(sigma, like)
 
 
 def reg_factor_fd(
@@ -120,7 +143,7 @@ def reg_factor_fd(
     x: Tensor,
     sigma: Tensor | float,
     *,
-    flow: bool = False,
+    space: Space = VE,
     d_c: Tensor | None = None,
     relative_step: float = 1e-3,
 ) -> tuple[Tensor, Tensor]:
@@ -134,8 +157,8 @@ def reg_factor_fd(
     """
     if d_c is None:
         d_c = denoise(x)
-    h = fd_step(sigma, x, flow=flow, relative=relative_step)
-    return d_c, fd_factor(d_c, denoise(x + h), h, flow_factor(sigma, x, flow))
+    h = fd_step(sigma, x, space=space, relative=relative_step)
+    return d_c, fd_factor(d_c, denoise(x + h), h, space.factor(sigma, x))
 
 
 def fd_factor(d_c: Tensor, d_shifted: Tensor, h: Tensor, factor: Tensor) -> Tensor:
@@ -175,7 +198,7 @@ def rectify(d_c: Tensor, d_guided: Tensor, m: Tensor, strength: float = 1.0) -> 
 def rectify_chain(d_c: Tensor, d_guided: Tensor, jt_delta: Tensor, factor: Tensor, strength: float = 1.0) -> Tensor:
     """Chain-rule variant: ``(1−λ)·D_guided + λ·(D_c + a·Jᵀ(D_guided − D_c))`` (the full chain rule; an ablation).
 
-    ``jt_delta`` is :func:`chain_product` of ``D_guided − D_c``; ``factor`` is :func:`flow_factor`.
+    ``jt_delta`` is :func:`chain_product` of ``D_guided − D_c``; ``factor`` is :meth:`Space.factor`.
     """
     if strength == 0:
         return d_guided

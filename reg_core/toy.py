@@ -231,7 +231,7 @@ def cfg_denoiser(toy: ConditionalToy, x: Tensor, sigma: float, w: float) -> Tens
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
-    """Karras et al. (2022) eq. 5 noise levels, ``n`` steps from ``σ_max`` to ``σ_min``, then 0."""
+    """Karras et al. (2022) noise levels, ``n`` steps from ``σ_max`` to ``σ_min``, then 0."""
     ramp = np.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return [float(s) for s in (hi + ramp * (lo - hi)) ** rho] + [0.0]

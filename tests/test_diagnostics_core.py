@@ -85,6 +85,15 @@ def test_video_statistics_span_every_frame_and_maps_average_the_frames() -> None
     assert image.height == 60 + 2 * 10 + 34  # one heatmap at the 6 × 10 aspect ratio, 100 wide
 
 
+def test_latent_key_identifies_values_and_shape_not_device_or_layout() -> None:
+    x = torch.arange(24.0).reshape(1, 2, 3, 4)
+    assert diagnostics.latent_key(x) == diagnostics.latent_key(x.double().transpose(2, 3).contiguous().transpose(2, 3))
+    assert diagnostics.latent_key(x) != diagnostics.latent_key(x.reshape(1, 2, 4, 3))
+    y = x.clone()
+    y[0, 1, 2, 3] += 1e-6
+    assert diagnostics.latent_key(x) != diagnostics.latent_key(y)
+
+
 def test_latents_are_checked_by_rank_and_nested_ones_refused() -> None:
     diagnostics.check_latent(torch.zeros(1, 4, 8, 8), "latent")
     diagnostics.check_latent(torch.zeros(1, 16, 2, 8, 8), "latent")
@@ -98,6 +107,8 @@ def test_latents_are_checked_by_rank_and_nested_ones_refused() -> None:
 def test_a_run_without_rectification_renders_a_message() -> None:
     record = diagnostics.RunRecord(0.1, 5.0, False, "vjp")
     record.steps += [diagnostics.StepRecord(torch.full((1,), s), False) for s in (14.6, 3.0)]
-    assert diagnostics.inactive_note(record).startswith("REG did not act in the last run (2 model evaluations)")
+    record.skipped.update(["strength is 0", "strength is 0"])
+    note = diagnostics.inactive_note(record)
+    assert note == "REG did not act in this run (2 model evaluations): strength is 0 (2)."
     image = np.asarray(diagnostic_plots.render_inactive(record))
     assert image.shape[1] == 720 and (image < 128).any() and (image == 255).mean() > 0.8

@@ -73,7 +73,7 @@ def test_m_is_the_same_tensor_from_eps_x0_v_and_flow_parametrisations() -> None:
 
     sigma_flow = sigma_ve / (1 + sigma_ve)  # CONST: x = (1−σ) x_VE
     x_flow = (1 - sigma_flow) * x_t / a
-    _, m_flow = rectify.reg_factor_vjp(lambda x: x0(a * x / (1 - sigma_flow)), x_flow, sigma_flow, flow=True)
+    _, m_flow = rectify.reg_factor_vjp(lambda x: x0(a * x / (1 - sigma_flow)), x_flow, sigma_flow, space=rectify.FLOW)
 
     for other in (m_x0, m_v, m_ve, m_flow):
         assert torch.allclose(other, m_eps, atol=1e-12, rtol=0)
@@ -91,7 +91,7 @@ def test_flow_guard_naive_velocity_formula_is_off_by_one_minus_sigma() -> None:
     leaf = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(velocity(leaf).sum(), leaf)
     naive = 1 - sigma * g
-    _, m = rectify.reg_factor_vjp(lambda z: z - sigma * velocity(z), x, sigma, flow=True)
+    _, m = rectify.reg_factor_vjp(lambda z: z - sigma * velocity(z), x, sigma, space=rectify.FLOW)
     assert torch.allclose(m, (1 - sigma) * naive, atol=1e-12, rtol=0)
 
 
@@ -113,9 +113,9 @@ def test_batch_elements_are_independent() -> None:
     net = random_net(8, 8)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(9))
     sigma = torch.tensor([0.2, 0.5, 0.9])
-    _, m = rectify.reg_factor_vjp(lambda z: z - net(z), x, sigma, flow=True)
+    _, m = rectify.reg_factor_vjp(lambda z: z - net(z), x, sigma, space=rectify.FLOW)
     for i in range(3):
-        _, mi = rectify.reg_factor_vjp(lambda z: z - net(z), x[i : i + 1], sigma[i : i + 1], flow=True)
+        _, mi = rectify.reg_factor_vjp(lambda z: z - net(z), x[i : i + 1], sigma[i : i + 1], space=rectify.FLOW)
         assert torch.allclose(m[i : i + 1], mi, atol=1e-14)
 
 
@@ -146,11 +146,30 @@ def test_gaussian_data_closed_form_m_goes_to_zero_at_high_noise(flow: bool) -> N
         else:
             denoise = mixture.denoise
             snr = 1 / sigma**2
-        _, m = rectify.reg_factor_vjp(lambda z, s=sigma, f=denoise: f(z, s), x, sigma, flow=flow)
+        _, m = rectify.reg_factor_vjp(lambda z, s=sigma, f=denoise: f(z, s), x, sigma, space=rectify.Space(flow=flow))
         expected = snr * s2 / (1 + snr * s2)
         assert torch.allclose(m, torch.full_like(m, expected), atol=1e-12)
         ms.append(expected)
     assert ms[0] > 0.99 and ms[-1] < 1e-4
+
+
+@pytest.mark.parametrize("noise_scale", [1.0, 0.6, 2.5])
+def test_flow_noise_scale_gives_m_the_ve_closed_form_at_its_edm_sigma(noise_scale: float) -> None:
+    """A flow model with ``noise_scale`` s (x = (1−σ)x0 + sσε): for Gaussian data N(0, v) the ideal denoiser is linear,
+    D = (1−σ)v/((1−σ)²v + s²σ²)·x, so M = (1−σ)∂D/∂x = v/(v + σ_VE²) with σ_VE = sσ/(1−σ), the VE closed form at
+    the space's EDM σ; the finite-difference step follows the state's scale √((1−σ)²v' + s²σ²) (v' = 1)."""
+    v = 0.3
+    space = rectify.Space(flow=True, noise_scale=noise_scale)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
+    for sigma in (0.1, 0.5, 0.8):
+        gain = (1 - sigma) * v / ((1 - sigma) ** 2 * v + (noise_scale * sigma) ** 2)
+        _, m = rectify.reg_factor_vjp(lambda z, g=gain: g * z, x, sigma, space=space)
+        ve = space.ve_sigma(sigma)
+        assert ve == pytest.approx(noise_scale * sigma / (1 - sigma))
+        assert torch.allclose(m, torch.full_like(m, v / (v + ve**2)), atol=1e-12)
+        scale = float(space.state_scale(sigma, x))
+        assert scale == pytest.approx(math.sqrt((1 - sigma) ** 2 + (noise_scale * sigma) ** 2))
+    assert rectify.VE.ve_sigma(2.0) == 2.0 and space.ve_sigma(1.0) == math.inf
 
 
 def test_gradient_free_matches_vjp_on_the_exact_gmm_denoiser() -> None:

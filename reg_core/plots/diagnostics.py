@@ -16,13 +16,13 @@ def render_inactive(record: RunRecord) -> Image.Image:
     """The picture shown instead of the plots when REG acted at no evaluation: what happened and what to change."""
     sigmas = [float(step.sigma.max()) for step in record.steps]
     span = f"sigma {sigmas[0]:.3g} to {sigmas[-1]:.3g}" if sigmas else "no evaluations"
+    reasons = [f"{count} x {reason}" for reason, count in record.skipped.most_common(4)]
     return plots.message(
         [
-            "REG did not act in the last run",
+            "REG did not act in this run",
             f"{len(record.steps)} model evaluations, {span}; REG window sigma {record.sigma_low:.3g} to "
             f"{record.sigma_high:.3g}.",
-            "Check start_percent / end_percent, strength > 0, and a cfg other than 1",
-            "(at cfg 1 ComfyUI skips the negative prediction, so there is no guidance to rectify).",
+            *(reasons or ["no model evaluation"]),
         ]
     )
 

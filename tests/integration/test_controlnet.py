@@ -193,8 +193,8 @@ def test_reg_de_inferences_the_controlnet_and_any_fallback_is_exactly_gradient_f
 def test_without_de_inferencing_the_controlnet_reg_falls_back(tiny, controlnet, reg_pack, monkeypatch, caplog):
     """Positive control: if the runtime skipped the ControlNet, autograd would hit its inference-tensor weights (and
     the warning is visible to caplog, so the no-warning assertions above are meaningful)."""
-    estimators = reg_pack.submodule("nodes.estimators")
-    monkeypatch.setattr(estimators, "differentiable_modules", lambda model, conds: [model])
+    traced = reg_pack.submodule("nodes.estimators.traced")
+    monkeypatch.setattr(traced, "differentiable_modules", lambda model, conds: [model])
     model, cnet, positive, negative = controlled_conds(tiny, controlnet, inference=True)
     with caplog.at_level(logging.WARNING, logger="reg_guidance"):
         _sample(_patched(model), positive, negative, steps=1, cfg=CFG)

@@ -133,7 +133,8 @@ def test_a_run_where_reg_did_not_act_gives_a_picture_and_a_note(harness, tiny):
     """At cfg 1 there is no negative prediction, so REG acts nowhere: the prompt still succeeds and says so."""
     result, diag, record = diagnosed_run(harness, tiny, steps=2, cfg=1.0)
     assert [s["active"] for s in record["steps"]] == [False, False]
-    assert record["maps_shown"] == [] and record["note"].startswith("REG did not act in the last run (2 model ")
+    note = "REG did not act in this run (2 model evaluations): cfg is 1 and no guidance hook is set"
+    assert record["maps_shown"] == [] and record["note"].startswith(note)
     stats, maps = result.image(diag, 0), result.image(diag, 1)
     assert torch.equal(stats, maps) and stats.shape[0] == 1 and stats.shape[-1] == 3
     dark = (stats[0] < 0.5).all(-1)
@@ -181,3 +182,36 @@ def test_nested_latents_are_refused_naming_the_input(reg_pack):
     for samples in nested:
         with pytest.raises(common.REGConfigError, match=r"REGDiagnostics: latent: nested latents .* not supported"):
             diagnostics.REGDiagnostics.execute({"samples": samples}, "auto", 0)
+
+
+def test_after_a_strength_zero_run_diagnostics_say_why(harness, tiny):
+    """Template 5 compares strength 0 with 1: the strength-0 run has a record saying REG was off, not an error."""
+    _, _, record = diagnosed_run(harness, tiny, steps=2, reg={"strength": 0.0})
+    assert [s["active"] for s in record["steps"]] == [False, False]
+    assert record["not_acting"] == {"strength is 0": 2} and "strength is 0 (2)" in record["note"]
+
+
+def test_each_sampler_sharing_a_patched_model_gets_its_own_run(harness, tiny):
+    """Two KSamplers use one REGGuidance output: each REGDiagnostics shows the run that produced its latent, and a
+    latent that no run of this model produced is refused by name."""
+    from comfy_harness import PromptExecutionError
+
+    g = harness.graph()
+    inp = sd15_inputs(g, tiny)
+    patched = g.node("REGGuidance", model=inp.model, **REG)
+    first = ksampler(g, inp, model=patched.out(0), steps=2, cfg=4.0, seed=1)
+    second = ksampler(g, inp, model=patched.out(0), steps=3, cfg=4.0, seed=2)
+    diags = [
+        g.node("REGDiagnostics", latent=s.out(0), model=patched.out(0), steps="auto", sample=0) for s in (first, second)
+    ]
+    result = harness.run(g)
+    counts = [len(json.loads(result.value(d, 2))["steps"]) for d in diags]
+    assert counts == [2, 3]
+
+    g = harness.graph()
+    inp = sd15_inputs(g, tiny)
+    patched = g.node("REGGuidance", model=inp.model, **REG)
+    ksampler(g, inp, model=patched.out(0), steps=1, cfg=4.0)
+    g.node("REGDiagnostics", latent=inp.latent, model=patched.out(0), steps="auto", sample=0)
+    with pytest.raises(PromptExecutionError, match="does not come from a sampling run with this REG model"):
+        harness.run(g)

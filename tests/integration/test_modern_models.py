@@ -182,8 +182,9 @@ QUANT_TOLERANCE = {  # (of D, of the correction D_REG − D_CFG), relative to th
     "float8_e4m3fn": (EXACT, EXACT),
     "int8_tensorwise": (5e-2, 1e-1),
 }
-EXPECTED_ON_CPU = {"scaled_fp8": "exact", "float8_e4m3fn": "exact", "int8_tensorwise": "exact"}
+EXPECTED_ON_CPU = {"scaled_fp8": "exact", "float8_e4m3fn": "exact", "int8_tensorwise": "straight-through"}
 FALLBACK = re.compile(r"REG: exact gradients are unavailable \((.+)\); using the gradient-free estimator")
+STRAIGHT_THROUGH = re.compile(r"REG: the network's TensorWiseINT8Layout layers quantise their inputs.*straight-through")
 
 
 @functools.cache
@@ -211,7 +212,7 @@ def test_quantized_weights_are_exact_or_fall_back_with_one_named_warning(quantiz
 
     fmt, tiny, dequantized = quantized
     got, warnings = reg_sample(tiny, "vjp", caplog)
-    if warnings:
+    if warnings and not STRAIGHT_THROUGH.match(warnings[0]):
         assert len(warnings) == 1 and FALLBACK.match(warnings[0]), warnings
         gradient_free, _ = reg_sample(tiny, "gradient-free", caplog)
         assert torch.equal(got, gradient_free)
@@ -221,6 +222,7 @@ def test_quantized_weights_are_exact_or_fall_back_with_one_named_warning(quantiz
         of_d, of_correction = QUANT_TOLERANCE[fmt]
         assert max_error(got, want) <= of_d
         assert max_error(got - sample(tiny), want - sample(dequantized)) <= of_correction
-        outcome = "exact"
+        assert len(warnings) <= 1
+        outcome = "straight-through" if warnings else "exact"
     if comfy.model_management.get_torch_device().type == "cpu":
         assert outcome == EXPECTED_ON_CPU[fmt], warnings

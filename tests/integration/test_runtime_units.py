@@ -20,12 +20,12 @@ class _Model:
 
 
 def test_finite_difference_step_follows_the_compute_dtype(reg_pack):
-    estimators = reg_pack.submodule("nodes.estimators")
-    assert estimators.fd_relative_step(_Model(torch.float32)) == 1e-3
-    assert estimators.fd_relative_step(_Model(torch.float16)) == pytest.approx(0.03125)
-    assert estimators.fd_relative_step(_Model(torch.bfloat16)) == pytest.approx(0.0884, abs=1e-3)
-    assert estimators.fd_relative_step(_Model(torch.float8_e4m3fn, torch.bfloat16)) == pytest.approx(0.0884, abs=1e-3)
-    assert estimators.fd_relative_step(_Model(torch.float8_e4m3fn)) == pytest.approx(0.0884, abs=1e-3)
+    passes = reg_pack.submodule("nodes.passes")
+    assert passes.fd_relative_step(_Model(torch.float32)) == 1e-3
+    assert passes.fd_relative_step(_Model(torch.float16)) == pytest.approx(0.03125)
+    assert passes.fd_relative_step(_Model(torch.bfloat16)) == pytest.approx(0.0884, abs=1e-3)
+    assert passes.fd_relative_step(_Model(torch.float8_e4m3fn, torch.bfloat16)) == pytest.approx(0.0884, abs=1e-3)
+    assert passes.fd_relative_step(_Model(torch.float8_e4m3fn)) == pytest.approx(0.0884, abs=1e-3)
 
 
 def test_sigma_progress_on_flow_models_uses_the_models_own_sigma(reg_pack):
@@ -36,7 +36,8 @@ def test_sigma_progress_on_flow_models_uses_the_models_own_sigma(reg_pack):
     )
     patch = schedule_patch.SchedulePatch(settings)
     sigmas = [1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0]
-    cfgs = [patch.cfg_at(5.0, s, sigmas, flow=True) for s in sigmas[:-1]]
+    flow = reg_pack.submodule("reg_core.rectify").FLOW
+    cfgs = [patch.cfg_at(5.0, s, sigmas, flow) for s in sigmas[:-1]]
     assert cfgs[0] == 5.0
     assert cfgs == sorted(cfgs, reverse=True) and len(set(cfgs)) == len(cfgs)  # a ramp, not a jump after step 1
     assert cfgs[-1] == pytest.approx(5.0 - 4.0 * 0.9)
@@ -141,3 +142,59 @@ def test_schedule_warns_once_per_run_under_a_guider_without_one_cfg(harness, tin
     assert scheduled.id in result.cached and sampler.id in result.executed  # one patch, two runs
     warnings = [r for r in caplog.records if "has no single cfg scale" in r.getMessage()]
     assert len(warnings) == 2, [r.getMessage() for r in warnings]
+
+
+@pytest.mark.parametrize(("schedule", "apg_end", "cfg_end"), [("cosine", 1.0, 1.0), ("linear", 1.0, 2.0)])
+def test_comfyuis_apg_node_is_scheduled_as_apg(harness, tiny, schedule, apg_end, cfg_end):
+    """ComfyUI's own APG node has the same cond-anchored scale as REG Guider's APG: under REGGuidanceSchedule, neutral
+    APG at s follows the weights of CFG at s + 1, including the steps where the scheduled scale is exactly 1 (where
+    ComfyUI would otherwise drop the negative pass and APG would work against a zero prediction)."""
+    from test_reg_nodes import run_ksampler
+
+    sched = ("REGGuidanceSchedule", {**SCHEDULE, "schedule": schedule, "progress": "steps"})
+    neutral_apg = ("APG", {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0})
+    apg = run_ksampler(harness, tiny, patches=[neutral_apg, (sched[0], {**sched[1], "end_cfg": apg_end})], steps=4,
+                       cfg=3.0)  # fmt: skip
+    cfg = run_ksampler(harness, tiny, patches=[(sched[0], {**sched[1], "end_cfg": cfg_end})], steps=4, cfg=4.0)
+    assert torch.allclose(apg, cfg, atol=1e-4), float((apg - cfg).abs().max())
+
+
+def test_reg_guider_pag_on_a_dit_is_a_clear_error(harness, tiny):
+    from comfy_harness import PromptExecutionError
+    from prompts import sd3_inputs
+
+    g = harness.graph()
+    inp = sd3_inputs(g, tiny)
+    inputs = {"cfg": 4.0, "base": "pag", "eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0, "pag_scale": 3.0}
+    guider = g.node("REGGuider", model=inp.model, positive=inp.positive, negative=inp.negative, **inputs, **REG,
+                    **{**SCHEDULE, "progress": "steps"})  # fmt: skip
+    custom_advanced(g, inp, guider=guider.out(0), steps=1)
+    with pytest.raises(PromptExecutionError, match="middle block, which this model \\(SD3\\) does not have"):
+        harness.run(g)
+
+
+def test_the_differentiated_pass_runs_on_one_device(reg_pack):
+    """ComfyUI 0.33's multi-GPU work units run chunks in pool threads, where autograd's thread-local state does not
+    hold: the traced pass's options leave them out (the other passes keep them)."""
+    traced = reg_pack.submodule("nodes.estimators.traced")
+    options = {"multigpu_clones": {"cuda:1": object()}, "transformer_options": {"patches": {}}, "other": 1}
+    got = traced.traced_options(options)
+    assert "multigpu_clones" not in got and got["other"] == 1 and "multigpu_clones" in options
+    assert got["transformer_options"]["patches"]["input_block_patch_after_skip"][-1] is traced._copy_after_skip
+
+
+def test_one_line_per_run_says_what_reg_did(tiny, reg_pack, caplog):
+    """Like EasyCache's summary: one line when a run ends — how many evaluations REG rectified with which estimator,
+    the mean M, what it rectified, and why it did not act elsewhere."""
+    import logging
+    import re
+
+    from test_reg_nodes import _patched, _sample, load_family
+
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    with caplog.at_level(logging.INFO, logger="reg_guidance"):
+        _sample(_patched(model, start_percent=0.3), positive, negative, steps=4, cfg=5.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "reg_guidance" and "rectified" in r.getMessage()]
+    assert len(lines) == 1, lines
+    want = r"REG: rectified 3/4 evaluations with vjp, mean M -?\d+\.\d\d \(cfg 5\); not at 1: outside the window"
+    assert re.fullmatch(want, lines[0]), lines[0]

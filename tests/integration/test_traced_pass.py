@@ -229,9 +229,8 @@ def test_the_in_place_retry_releases_the_failed_pass_first(reg_pack):
     """The repeat with copies runs after the failed attempt (and the graph its traceback holds) is released."""
     import weakref
 
-    est = reg_pack.submodule("nodes.estimators")
+    traced = reg_pack.submodule("nodes.estimators.traced").Traced()
     tp = reg_pack.submodule("nodes.traced_pass")
-    traced = est.Traced(checkpoint=False)
     first: list[weakref.ref] = []
 
     def attempt() -> bool:
@@ -243,3 +242,68 @@ def test_the_in_place_retry_releases_the_failed_pass_first(reg_pack):
 
     assert traced.retrying_in_place(attempt) is True
     assert traced.copy is True
+
+
+def test_make_differentiable_copies_one_tensor_at_a_time_and_rolls_back_on_failure(reg_pack, monkeypatch):
+    """The peak is one extra weight, not a second model: when the second copy is made, the first is installed.
+    A failure (out of memory) puts every replaced tensor back, so the shared model is exactly as it was."""
+    tp = reg_pack.submodule("nodes.traced_pass")
+    with torch.inference_mode():
+        net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    originals = [net[0].weight, net[0].bias, net[1].weight, net[1].bias]
+    clone = torch.Tensor.clone
+    seen: list[bool] = []
+
+    def failing_clone(tensor, *args, **kwargs):
+        seen.append(not net[0].weight.is_inference())  # is the first copy already installed?
+        if len(seen) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return clone(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", failing_clone)
+    with pytest.raises(torch.OutOfMemoryError):
+        tp.make_differentiable([net], torch.device("cpu"))
+    monkeypatch.undo()
+    assert seen == [False, True, True]
+    restored = [net[0].weight, net[0].bias, net[1].weight, net[1].bias]
+    assert all(a is b for a, b in zip(restored, originals, strict=True))
+
+
+def test_a_recomputed_block_must_reproduce_its_forward(reg_pack):
+    """A block whose output depends on state that changed after its forward (ComfyUI's UNet rewrites the per-block
+    transformer_options it passes positionally) is a named error, never a silently wrong gradient. The options dict
+    a block got is frozen as it was, so the usual case recomputes exactly."""
+    tp = reg_pack.submodule("nodes.traced_pass")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6).double().requires_grad_(False)
+            self.gain = 1.0
+
+        def forward(self, x, options):
+            return self.lin(x) * options["gain"] * self.gain
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            options = {}
+            for i, block in enumerate(self.blocks):
+                options["gain"] = 1.0 + i  # rewritten in place, as the UNet loop rewrites "block"
+                x = block(x, options)
+            return x
+
+    net = Net()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    with tp.TracedPass(net, net.parameters(), checkpoint=True, copy=False):
+        recomputed = _column_sums(net, x)
+    torch.testing.assert_close(recomputed, _column_sums(net, x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(tp.RecomputeMismatchError):
+        with tp.TracedPass(net, net.parameters(), checkpoint=True, copy=False):
+            leaf = x.clone().requires_grad_(True)
+            out = net(leaf)
+            net.blocks[0].gain = 3.0  # state the recomputation cannot know
+            torch.autograd.grad(out.sum(), leaf)
