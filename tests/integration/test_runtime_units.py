@@ -198,3 +198,26 @@ def test_one_line_per_run_says_what_reg_did(tiny, reg_pack, caplog):
     assert len(lines) == 1, lines
     want = r"REG: rectified 3/4 evaluations with vjp, mean M -?\d+\.\d\d \(cfg 5\); not at 1: outside the window"
     assert re.fullmatch(want, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "cfg", "schedule", "expected"),
+    [("euler_cfg_pp", 1.0, "constant", 0), ("euler", 4.0, "interval", 0), ("euler", 4.0, "constant", 2)],
+    ids=["cfg++ at cfg 1", "interval outside its window", "guided (positive control)"],
+)
+def test_no_backward_is_thrown_away(harness, tiny, reg_pack, monkeypatch, sampler, cfg, schedule, expected):
+    """The decision waits until the step's cfg is known: a cfg++ sampler keeps the negative pass at cfg 1 (its post-cfg
+    function is bookkeeping, not guidance), and REG Guider's interval sets cfg 1 outside its window."""
+    rectify = reg_pack.submodule("reg_core.rectify")
+    backwards = []
+    column_sums = rectify.column_sums
+    monkeypatch.setattr(rectify, "column_sums", lambda *a: backwards.append(1) or column_sums(*a))
+    g = harness.graph()
+    inp = sd15_inputs(g, tiny)
+    interval = {"sigma_low": 100.0, "sigma_high": 200.0}  # no step of the tiny SD1.5 lies there
+    inputs = {"cfg": cfg, "base": "cfg", "eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0, "pag_scale": 3.0}
+    guider = g.node("REGGuider", model=inp.model, positive=inp.positive, negative=inp.negative, **inputs, **REG,
+                    **{**SCHEDULE, **interval, "schedule": schedule, "progress": "steps"})  # fmt: skip
+    custom_advanced(g, inp, guider=guider.out(0), steps=2, sampler_name=sampler)
+    harness.run(g)
+    assert len(backwards) == expected
