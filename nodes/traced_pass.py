@@ -5,13 +5,15 @@ models run custom kernels without a backward (``comfy_kitchen`` RoPE, fused norm
 place after the tensors were saved for backward. For the one pass whose Jacobian REG needs (``M = a(σ)·∇_x Σ D_c``,
 README, "What REG does"), :class:`TracedPass` switches, and always restores, also on error and interrupt:
 
-- inference mode off and autograd on;
+- inference mode off and autograd on (for the input only: weights never require grad meanwhile);
 - the kernels (:func:`plain_kernels`): ComfyUI's own ``comfy.model_management.in_training`` flag, which makes the
   models take their plain-torch code paths (the custom kernels have no autograd formula), and attention through a
   kernel with a backward (``optimized_attention_override``: sage, flash and int8 attention have none). The other
   passes of the step use the same kernels, so ``D_c`` and ``D_u`` come from one numeric path;
 - a saved-tensor guard (:class:`SavedTensorGuard`) that notices tensors overwritten before the backward read them
-  (in-place updates, reused cast buffers) and, for networks that do that, gives autograd private copies;
+  (in-place updates, reused cast buffers) and, for networks that do that, gives autograd private copies; a weight
+  that ComfyUI casts, dequantises or streams in for one layer is not kept at all: the graph keeps how to cast it
+  again (:class:`WeightRecasts`), and the backward makes it again, one layer at a time;
 - a gradient audit (:class:`GradientAudit`) that notices layers that silently drop out of the graph (quantised
   layers, detached outputs), so M is never computed from a partial Jacobian without a word;
 - optionally, per-block recomputation (:class:`BlockCheckpointing`) that bounds the saved activations.
@@ -25,6 +27,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import comfy.model_management
@@ -119,6 +122,103 @@ class RecomputeMismatchError(NoGraphError):
     """A block recomputed for the backward did not reproduce its forward output."""
 
 
+
+@dataclass
+class Recast:
+    """How to make one per-layer weight copy again: ComfyUI's ``cast_bias_weight`` for the same layer and arguments."""
+
+    cast: Callable[..., Any]
+    layer: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    index: int  # 0: the weight, 1: the bias
+
+    def make(self) -> torch.Tensor:
+        return self.cast(self.layer, *self.args, **self.kwargs)[self.index]
+
+
+@dataclass
+class RecastView:
+    """A saved tensor that is (a view of) a per-layer weight copy: its recipe and where it sits in the copy."""
+
+    recast: Recast
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int  # storage offset relative to the copy's
+
+    def make(self) -> torch.Tensor:
+        base = self.recast.make()
+        return base.as_strided(self.size, self.stride, base.storage_offset() + self.offset)
+
+
+class WeightRecasts:
+    """The weights ComfyUI casts, dequantises or streams in per layer (``comfy.ops.cast_bias_weight``) during the
+    traced pass, and how to make each again.
+
+    While :meth:`recording`, every copy ``cast_bias_weight`` returns is noted with its call (the layer input replaced
+    by an empty tensor of its dtype and device, which is all the cast reads from it, and without async offload). A
+    saved tensor that lies in such a copy, untouched since the cast (same version), is then saved as a
+    :class:`RecastView` instead of the copy: the graph holds no weight-sized tensor. A copy in a per-stream buffer that
+    the next layer reuses is matched to the latest cast into it.
+    """
+
+    def __init__(self) -> None:
+        self._casts: dict[int, list[tuple[weakref.ref, int, Recast]]] = {}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Note every cast ComfyUI makes meanwhile (``comfy.ops.cast_bias_weight`` is restored in ``finally``)."""
+        import comfy.ops
+
+        original = comfy.ops.cast_bias_weight
+
+        def recording_cast(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            result = original(layer, *args, **kwargs)
+            self._note(original, layer, args, kwargs, result)
+            return result
+
+        comfy.ops.cast_bias_weight = recording_cast
+        try:
+            yield
+        finally:
+            comfy.ops.cast_bias_weight = original
+
+    def _note(self, cast: Callable, layer: torch.nn.Module, args: tuple, kwargs: dict, result: tuple) -> None:
+        light_args = tuple(_stand_in(a) for a in args)
+        light_kwargs = {k: _stand_in(v) for k, v in kwargs.items()}
+        if "offloadable" in light_kwargs:
+            light_kwargs["offloadable"] = False
+        for index, tensor in enumerate(result[:2]):
+            own = getattr(layer, ("weight", "bias")[index], None)
+            if type(tensor) is not torch.Tensor or tensor is own:  # no copy (or none at all): nothing to recast
+                continue
+            entry = (weakref.ref(tensor), tensor._version, Recast(cast, layer, light_args, light_kwargs, index))
+            self._casts.setdefault(_storage(tensor), []).append(entry)
+
+    def view_of(self, saved: torch.Tensor) -> RecastView | None:
+        """The recipe for ``saved`` when it lies in a noted, untouched weight copy; else None."""
+        if type(saved) is not torch.Tensor or saved.requires_grad:
+            return None
+        for ref, version, recast in reversed(self._casts.get(_storage(saved), ())):
+            copy = ref()
+            if copy is None or copy._version != version or saved._version != version:
+                continue
+            start = copy.data_ptr()
+            if start <= saved.data_ptr() < start + copy.numel() * copy.element_size():
+                offset = saved.storage_offset() - copy.storage_offset()
+                return RecastView(recast, saved.size(), saved.stride(), offset)
+        return None
+
+    def release(self) -> None:
+        self._casts.clear()
+
+
+def _stand_in(value: Any) -> Any:
+    """An empty tensor of the same dtype and device for a plain tensor argument (the cast reads only those)."""
+    if type(value) is torch.Tensor:
+        return torch.empty(0, dtype=value.dtype, device=value.device)
+    return value
+
 class SavedTensorGuard:
     """``saved_tensors_hooks`` that make sure the backward reads what the forward saved, never something overwritten.
 
@@ -128,14 +228,17 @@ class SavedTensorGuard:
     ``copy=True``, for networks that update residual streams in place after saving them (Flux, Wan, Qwen-Image, …):
     a saved tensor that depends on the input (it requires grad) or that ComfyUI may overwrite before the backward (a
     weight cast into a shared per-stream buffer, any other non-parameter tensor) is saved as a private copy, made once
-    per tensor version and shared by every op that saves it. A model parameter is always saved as is (copying it would
-    duplicate the weights) and version-checked. ``saved_bytes`` counts the distinct non-parameter bytes saved in
-    either mode: the size of the graph. With a ``budget`` (bytes), a graph that outgrows it stops the forward with
+    per tensor version and shared by every op that saves it. A model parameter, or a quantised weight (a view of one:
+    it shares the layer's quantised data), is always saved as is (copying it would duplicate the weights) and
+    version-checked, and a per-layer weight copy is saved as its recipe
+    (:class:`WeightRecasts`). ``saved_bytes`` counts the distinct bytes saved otherwise, in either mode: the size of
+    the graph. With a ``budget`` (bytes), a graph that outgrows it stops the forward with
     :class:`GraphTooLargeError` before it can exhaust the device's memory.
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor], *, copy: bool, budget: float | None = None) -> None:
         self._parameter_storages = {_storage(p) for p in parameters} - {None}
+        self.recasts = WeightRecasts()
         self.copy = copy
         self.budget = budget
         self._seen: dict[int, tuple[weakref.ref, int, weakref.ref | None]] = {}
@@ -146,9 +249,12 @@ class SavedTensorGuard:
         if self.budget is not None and self.saved_bytes > self.budget:
             raise GraphTooLargeError(f"the graph outgrew {self.budget / 1e9:.2f} GB")
 
-    def _pack(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-        if not tensor.requires_grad and _storage(tensor) in self._parameter_storages:
+    def _pack(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int | None] | RecastView:
+        if not tensor.requires_grad and (_storage(tensor) in self._parameter_storages or _quantized(tensor)):
             return tensor, tensor._version
+        recast = self.recasts.view_of(tensor)
+        if recast is not None:
+            return recast
         key = id(tensor)
         seen = self._seen.get(key)
         fresh = seen is None or seen[0]() is not tensor or seen[1] != tensor._version
@@ -165,7 +271,9 @@ class SavedTensorGuard:
         return copy, None
 
     @staticmethod
-    def _unpack(packed: tuple[torch.Tensor, int | None]) -> torch.Tensor:
+    def _unpack(packed: tuple[torch.Tensor, int | None] | RecastView) -> torch.Tensor:
+        if isinstance(packed, RecastView):
+            return packed.make()
         tensor, version = packed
         if version is not None and tensor._version != version:
             raise InPlaceUpdateError("a tensor saved for the backward was written before the backward read it")
@@ -176,8 +284,14 @@ class SavedTensorGuard:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def release(self) -> None:
-        """Drop the bookkeeping (the graph keeps what it saved)."""
+        """Drop the bookkeeping (the graph keeps what it saved, recipes included)."""
         self._seen.clear()
+        self.recasts.release()
+
+
+def _quantized(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a quantised weight (comfy_kitchen's ``QuantizedTensor``, or a view of one)."""
+    return type(tensor) not in PLAIN_TENSORS and hasattr(tensor, "_layout_cls")
 
 
 def _storage(tensor: torch.Tensor) -> int | None:
@@ -426,7 +540,8 @@ class TracedPass:
         copy: bool,
         budget: float | None = None,
     ) -> None:
-        self.guard = SavedTensorGuard(parameters, copy=copy, budget=budget)
+        self.parameters = list(parameters)
+        self.guard = SavedTensorGuard(self.parameters, copy=copy, budget=budget)
         self.audit = GradientAudit(network)
         self.checkpointing = BlockCheckpointing(network, self) if checkpoint else None
         self._stack: contextlib.ExitStack | None = None
@@ -437,7 +552,9 @@ class TracedPass:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(_in_training())
+            stack.enter_context(_frozen(self.parameters))
             stack.enter_context(self.guard.hooks())
+            stack.enter_context(self.guard.recasts.recording())
             stack.enter_context(self.audit.watching())
             if self.checkpointing is not None:
                 stack.enter_context(self.checkpointing.active())
@@ -456,6 +573,20 @@ class TracedPass:
     def check(self) -> None:
         """Raise :class:`NoGraphError` when the forward lost the gradient anywhere (see :class:`GradientAudit`)."""
         self.audit.check()
+
+
+@contextlib.contextmanager
+def _frozen(parameters: list[torch.Tensor]) -> Iterator[None]:
+    """Weights that require grad (a model loaded outside inference mode) stop requiring it meanwhile: M needs the
+    input gradient only, and a weight gradient would make autograd keep every layer's input and cast weight."""
+    thawed = [p for p in parameters if p.requires_grad and p.is_leaf]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
 
 
 @contextlib.contextmanager

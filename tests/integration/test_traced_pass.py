@@ -182,17 +182,24 @@ def test_the_audit_names_layers_that_drop_the_gradient(reg_pack):
 def test_everything_switched_is_restored_on_error(reg_pack):
     import comfy.model_management
 
+    import comfy.ops
+
     tp = reg_pack.submodule("nodes.traced_pass")
     net, _ = _twins()
+    net.head.weight.requires_grad_(True)  # a model loaded outside inference mode: trainable weights
+    cast = comfy.ops.cast_bias_weight
     had_flag = hasattr(comfy.model_management, "in_training")
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         with tp.TracedPass(net, net.parameters(), checkpoint=True, copy=True):
             if had_flag:
                 assert comfy.model_management.in_training is True
             assert all("forward" in block.__dict__ for block in net.blocks)
+            assert not net.head.weight.requires_grad and comfy.ops.cast_bias_weight is not cast
             raise comfy.model_management.InterruptProcessingException()
     if had_flag:
         assert comfy.model_management.in_training is False
+    assert net.head.weight.requires_grad and comfy.ops.cast_bias_weight is cast
+    net.head.weight.requires_grad_(False)
     assert not any("forward" in block.__dict__ for block in net.blocks)
     assert torch.is_inference_mode_enabled() is False
     # no saved-tensor hook is left behind: a plain in-place failure is torch's own error again
