@@ -36,3 +36,16 @@ def test_dev_demo_runs_the_demo_module() -> None:
     with pytest.raises(SystemExit) as info:
         demo.main(["--help"])
     assert info.value.code == 0
+
+
+def test_registry_metadata_ships_only_what_runs_in_comfyui() -> None:
+    """No runtime dependency of ComfyUI's own is declared (installing the pack never changes ComfyUI's torch), the
+    licence file is the one pyproject names, and the published archive leaves out tests, benchmarks and tools."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == []
+    assert project["license"] == {"file": "LICENSE"} and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    ignored = {line.strip() for line in (ROOT / ".comfyignore").read_text().splitlines() if not line.startswith("#")}
+    assert {"tests/", "bench/", "tools/", ".ci/", "dev"} <= ignored
+    assert not ignored & {"nodes/", "reg_core/", "web/", "workflows/", "__init__.py", "README.md", "LICENSE"}

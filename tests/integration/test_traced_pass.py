@@ -181,7 +181,6 @@ def test_the_audit_names_layers_that_drop_the_gradient(reg_pack):
 
 def test_everything_switched_is_restored_on_error(reg_pack):
     import comfy.model_management
-
     import comfy.ops
 
     tp = reg_pack.submodule("nodes.traced_pass")
