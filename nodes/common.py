@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,17 @@ from ..reg_core import rectify
 from ..reg_core.rectify import Space
 
 LOGGER_NAME = "reg_guidance"
+
+
+def _advanced() -> dict:
+    """``advanced=True`` where the running ComfyUI's V3 inputs take it (0.33: shown under the node's "advanced"
+    toggle); nothing on 0.3.64, whose inputs do not know the argument."""
+    from comfy_api.latest import io
+
+    return {"advanced": True} if "advanced" in inspect.signature(io.Input.__init__).parameters else {}
+
+
+ADVANCED = _advanced()
 
 AddWrapper = Callable[[str, str, Callable], None]
 

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from ..reg_core.schedules import Progress, Schedule
-from .common import LOGGER_NAME, REGConfigError, wrapper_adder
+from .common import ADVANCED, LOGGER_NAME, REGConfigError, wrapper_adder
 from .guidance_hooks import APGPreCfg, pag_post_cfg
 from .reg_runtime import WRAPPER_KEY, REGPatch, REGSettings, remove_reg
 from .schedule_patch import SCHEDULE_KEY, SchedulePatch, ScheduleSettings, remove_schedule
@@ -38,14 +38,11 @@ def reg_inputs() -> list[io.Input]:
             "estimator",
             options=[e.value for e in Estimator],
             default=Estimator.VJP.value,
-            tooltip="vjp: the paper's exact column sums (one extra backward through the positive branch per step); "
-            "switches itself to vjp-low-memory, with a console note, when its graph would not fit in free memory. "
-            "vjp-low-memory: the same M with the graph bounded to about one block (each block is recomputed during "
-            "the backward: one more forward per step); the better choice when weights are cast per layer (fp8 or "
-            "quantised, offloaded, on a CPU), where the plain graph keeps a cast copy of every weight. gradient-free: "
-            "a finite difference along the all-ones direction (one extra forward, no gradients, exact only for an "
-            "ideal denoiser). chain: the full chain rule Jᵀ(D_guided − D_c), an ablation (same cost as vjp, holds the "
-            "graph longer).",
+            tooltip="vjp: the paper's exact M (one extra backward through the positive prediction per step); switches "
+            "itself to vjp-low-memory, with a console note, when its graph would not fit in free memory. "
+            "vjp-low-memory: the same M with the graph bounded to about one block (one more forward per step), for "
+            "large images on small cards. gradient-free: a finite difference (one extra forward, no gradients; exact "
+            "only for an ideal denoiser). chain: the full chain rule, an ablation the paper does not evaluate.",
         ),
         io.Float.Input(
             "start_percent",
@@ -55,6 +52,7 @@ def reg_inputs() -> list[io.Input]:
             step=0.01,
             tooltip="Where REG starts acting, as a fraction of the model's timestep range (like ComfyUI's "
             "SkipLayerGuidance; not a fraction of the steps). Outside the window the guidance is left unchanged.",
+            **ADVANCED,
         ),
         io.Float.Input(
             "end_percent",
@@ -63,6 +61,7 @@ def reg_inputs() -> list[io.Input]:
             max=1.0,
             step=0.01,
             tooltip="Where REG stops acting, as a fraction of the model's timestep range. 1.0 = until the end.",
+            **ADVANCED,
         ),
         io.Int.Input(
             "refresh_every",
@@ -71,6 +70,7 @@ def reg_inputs() -> list[io.Input]:
             max=100,
             tooltip="Estimate M on every k-th model evaluation inside the window and reuse the last M in between "
             "(cheaper, approximate; 1 = the paper). Not available with the chain estimator.",
+            **ADVANCED,
         ),
     ]
 
@@ -86,6 +86,7 @@ def apg_pag_inputs(apg_label: str, pag_label: str) -> list[io.Input]:
             step=0.01,
             tooltip=f"{apg_label}: scale of the guidance component parallel to the positive prediction "
             "(1 = as cfg, 0 = drop it).",
+            **ADVANCED,
         ),
         io.Float.Input(
             "norm_threshold",
@@ -94,6 +95,7 @@ def apg_pag_inputs(apg_label: str, pag_label: str) -> list[io.Input]:
             max=50.0,
             step=0.1,
             tooltip=f"{apg_label}: clip the guidance norm (per image) to this value; 0 disables clipping.",
+            **ADVANCED,
         ),
         io.Float.Input(
             "momentum",
@@ -102,6 +104,7 @@ def apg_pag_inputs(apg_label: str, pag_label: str) -> list[io.Input]:
             max=1.0,
             step=0.01,
             tooltip=f"{apg_label}: running average of the guidance over steps (reset every run); 0 disables it.",
+            **ADVANCED,
         ),
         io.Float.Input(
             "pag_scale",
@@ -111,12 +114,15 @@ def apg_pag_inputs(apg_label: str, pag_label: str) -> list[io.Input]:
             step=0.01,
             tooltip=f"{pag_label}: Perturbed-Attention Guidance scale, added on top of cfg. The extra pass is never "
             "differentiated.",
+            **ADVANCED,
         ),
     ]
 
 
-def schedule_inputs() -> list[io.Input]:
-    """Inputs of the paper's guidance-weight schedules (reg_core.schedules)."""
+def schedule_inputs(*, advanced: bool) -> list[io.Input]:
+    """Inputs of the paper's guidance-weight schedules (reg_core.schedules); REG Guider shows their parameters under
+    "advanced", the schedule node shows them all."""
+    more = ADVANCED if advanced else {}
     return [
         io.Combo.Input(
             "schedule",
@@ -134,6 +140,7 @@ def schedule_inputs() -> list[io.Input]:
             max=100.0,
             step=0.1,
             tooltip="linear schedule only: the cfg reached at the last step.",
+            **more,
         ),
         io.Float.Input(
             "sigma_low",
@@ -143,6 +150,7 @@ def schedule_inputs() -> list[io.Input]:
             step=0.01,
             tooltip="interval schedule only: lower end of the guidance window, in EDM/VE σ (flow models' σ is "
             "converted to σ/(1−σ)). The default [0.28, 2.90] is the REG paper's EDM2 setting.",
+            **more,
         ),
         io.Float.Input(
             "sigma_high",
@@ -151,6 +159,7 @@ def schedule_inputs() -> list[io.Input]:
             max=1000.0,
             step=0.01,
             tooltip="interval schedule only: upper end of the guidance window, in EDM/VE σ.",
+            **more,
         ),
         io.Float.Input(
             "exponent",
@@ -159,6 +168,7 @@ def schedule_inputs() -> list[io.Input]:
             max=10.0,
             step=0.05,
             tooltip="cosine schedule only: the exponent k in p^k (larger = guidance arrives later).",
+            **more,
         ),
         io.Combo.Input(
             "progress",
@@ -166,6 +176,7 @@ def schedule_inputs() -> list[io.Input]:
             default=Progress.STEPS.value,
             tooltip="How sampling progress p is measured for linear/cosine: steps = step index / (steps − 1); "
             "sigma = 1 − σ/σ_first (the paper's EDM2 definition).",
+            **more,
         ),
     ]
 
@@ -241,7 +252,10 @@ class REGGuidanceSchedule(io.ComfyNode):
             category=CATEGORY,
             description="Schedules the cfg scale over sampling with the REG paper's schedules (constant, interval, "
             "linear, cosine). Composes with REGGuidance in either order; at cfg 1 the negative pass is skipped.",
-            inputs=[io.Model.Input("model", tooltip="The model whose cfg scale to schedule."), *schedule_inputs()],
+            inputs=[
+                io.Model.Input("model", tooltip="The model whose cfg scale to schedule."),
+                *schedule_inputs(advanced=False),
+            ],
             outputs=[io.Model.Output(tooltip="The model with the cfg schedule.")],
         )
 
@@ -332,7 +346,7 @@ class REGGuider(io.ComfyNode):
                 ),
                 *apg_pag_inputs("apg only", "pag only"),
                 *reg_inputs(),
-                *schedule_inputs(),
+                *schedule_inputs(advanced=True),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
         )

@@ -10,9 +10,11 @@ and planning are in :mod:`reg_core.sweep`, the plot and the grid in :mod:`reg_co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.sample
@@ -27,7 +29,7 @@ from ..reg_core.guidance import APG
 from ..reg_core.metrics import clip_score
 from ..reg_core.plots import sweep as sweep_plots
 from .clip_score import CATEGORY, CLIP_SCORE_MODEL, ManagedScorer, score
-from .common import LOGGER_NAME, wrapper_adder
+from .common import ADVANCED, LOGGER_NAME, wrapper_adder
 from .diagnostics import to_image
 from .guidance import apg_pag_inputs, reg_inputs
 from .guidance_hooks import APGPreCfg, pag_post_cfg
@@ -50,43 +52,6 @@ def _strip_reg(model):
     if remove_reg(base):
         log.info("REGGuidanceSweep: the model is already patched by REGGuidance; the sweep uses its own REG settings.")
     return base
-
-
-def patched_model(base, method: str, settings: REGSettings, apg: dict, pag_scale: float):
-    """``base.clone()`` patched for ``method`` the way REGGuidance (and ComfyUI's APG/PAG nodes) would patch it."""
-    m = base.clone()
-    if method == "apg_reg":
-        m.set_model_sampler_pre_cfg_function(APGPreCfg(APG(**apg)))  # fresh momentum state for every run
-        m.model_options["disable_cfg1_optimization"] = True  # APG at scale 1 still needs the negative pass
-    elif method == "pag_reg":
-        m.set_model_sampler_post_cfg_function(pag_post_cfg(pag_scale))
-    if method != "cfg":
-        REGPatch(settings).install(wrapper_adder(m))
-    return m
-
-
-def run_settings(run: sweep.SweepRun, reg: dict, apg: dict, pag_scale: float) -> dict:
-    """The settings of one run, and the plain-node workflow that reproduces it."""
-    out: dict = {
-        "method": run.method,
-        "label": run.label,
-        "cfg": run.cfg,
-        "guidance_weight": run.weight,
-        "sampler_cfg": run.sampler_cfg,
-    }
-    chain = []
-    if run.method == "apg_reg":
-        out["apg"] = apg
-        chain.append(f"APG(eta={apg['eta']:g}, norm_threshold={apg['norm_threshold']:g}, momentum={apg['momentum']:g})")
-    if run.method == "pag_reg":
-        out["pag_scale"] = pag_scale
-        chain.append(f"PerturbedAttentionGuidance(scale={pag_scale:g})")
-    if run.method != "cfg":
-        out["reg"] = reg
-        chain.append("REGGuidance(" + ", ".join(f"{k}={v}" for k, v in reg.items()) + ")")
-    chain.append(f"KSampler(cfg={sweep.format_cfg(run.sampler_cfg)})")
-    out["equivalent"] = " → ".join(chain)
-    return out
 
 
 class REGGuidanceSweep(io.ComfyNode):
@@ -173,6 +138,7 @@ class REGGuidanceSweep(io.ComfyNode):
                     "truncation",
                     options=list(clip_score.TRUNCATION_MODES),
                     default="torchmetrics",
+                    **ADVANCED,
                     tooltip=(
                         "score_prompt over 77 tokens: 'torchmetrics' slices it like torchmetrics and the paper (EOS "
                         "dropped); 'clip' keeps EOS. Shorter prompts score the same in both modes."
@@ -221,143 +187,181 @@ class REGGuidanceSweep(io.ComfyNode):
         sampler_name: str,
         scheduler: str,
         cfg_values: str,
-        include_cfg: bool,
-        include_reg: bool,
-        include_apg_reg: bool,
-        include_pag_reg: bool,
-        strength: float,
-        estimator: str,
-        start_percent: float,
-        end_percent: float,
-        refresh_every: int,
-        eta: float,
-        norm_threshold: float,
-        momentum: float,
-        pag_scale: float,
         truncation: str,
+        **choices,
     ) -> io.NodeOutput:
-        # Every input is checked before the first (expensive) run.
-        cfgs = sweep.parse_cfg_values(cfg_values)
-        flags = {
-            "include_cfg": include_cfg,
-            "include_reg": include_reg,
-            "include_apg_reg": include_apg_reg,
-            "include_pag_reg": include_pag_reg,
-        }
-        runs = sweep.plan_runs([METHOD_INPUTS[name] for name, on in flags.items() if on], cfgs)
-        settings = REGSettings(strength, estimator, start_percent, end_percent, refresh_every)
-        if truncation not in clip_score.TRUNCATION_MODES:
-            raise clip_score.InvalidInputError(f"truncation must be one of {clip_score.TRUNCATION_MODES}.")
-        try:
-            diagnostics.check_latent(latent_image["samples"], "latent_image")
-        except diagnostics.UnsupportedLatentError as err:
-            raise sweep.SweepConfigError(f"REGGuidanceSweep: {err}") from None
+        plan = SweepPlan.of(cfg_values, truncation, latent_image, choices)  # every input checked before the first run
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         prompts = clip_score.split_prompts(score_prompt, int(latent.shape[0]), input_name="score_prompt")
-        reg = {
-            "strength": strength,
-            "estimator": estimator,
-            "start_percent": start_percent,
-            "end_percent": end_percent,
-            "refresh_every": refresh_every,
-        }
-        apg = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
-
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        noise_mask = latent_image.get("noise_mask")
+        sampling = Sampling(positive, negative, latent, latent_image, seed, steps, sampler_name, scheduler)
+        pbar = comfy.utils.ProgressBar(len(plan.runs) * steps)
         base = _strip_reg(model)
-        total = len(runs) * steps
-        pbar = comfy.utils.ProgressBar(total)
-        previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
-        pixels, results, report_runs = [], [], []
         started = time.perf_counter()
-        for index, run in enumerate(runs):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            offset = index * steps
-
-            def callback(step, x0, x, total_steps, offset=offset):
-                preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
-                pbar.update_absolute(offset + step + 1, total, preview)
-
-            run_start = time.perf_counter()
-            samples = comfy.sample.sample(
-                patched_model(base, run.method, settings, apg, pag_scale),
-                noise.clone(),
-                steps,
-                run.sampler_cfg,
-                sampler_name,
-                scheduler,
-                positive,
-                negative,
-                latent.clone(),
-                noise_mask=noise_mask,
-                callback=callback,
-                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-                seed=seed,
-            )
-            images = vae.decode(samples)
-            if images.ndim == 5:  # video VAEs: frames become images, as in VAEDecode
-                images = images.reshape(-1, *images.shape[-3:])
+        pixels, results, report_runs = [], [], []
+        for index, run in enumerate(plan.runs):
+            images, seconds = sampling.run(plan.model(base, run.method), run.sampler_cfg, index * steps, pbar, vae)
             if images.shape[0] != len(prompts):
                 prompts = clip_score.split_prompts(score_prompt, int(images.shape[0]), input_name="score_prompt")
             result = score(clip_score_model, images, prompts, truncation)
             pixels.append(clip_score.images_to_uint8(images)[0].numpy())
             results.append(result)
-            seconds = time.perf_counter() - run_start
-            report_runs.append(
-                {
-                    **run_settings(run, reg, apg, pag_scale),
-                    "score": result.mean,
-                    "scores": result.scores,
-                    "notes": result.notes,
-                    "seconds": round(seconds, 3),
-                }
-            )
+            report_runs.append(plan.run_report(run, result, seconds))
             log.info("REGGuidanceSweep: %s at cfg %s: %.4f (%.1f s)", run.label, run.cfg, result.mean, seconds)
-            pbar.update_absolute(offset + steps, total)
         comfy.model_management.throw_exception_if_processing_interrupted()
-
         means = [r.mean for r in results]
-        n = len(prompts)
-        plot = sweep_plots.score_plot(
-            runs, means, metric=clip_score.METRIC_NAME, subtitle=f"{clip_score_model.model_id}, n = {n}"
-        )
-        rows = sorted({r.row for r in runs})
-        grid, _ = sweep_plots.compose_grid(
-            [[pixels[i] for i, r in enumerate(runs) if r.row == row] for row in rows],
-            row_labels=[next(r.label for r in runs if r.row == row) for row in rows],
-            col_labels=[f"cfg {sweep.format_cfg(c)}" for c in cfgs],
-            captions=[[f"{means[i]:.2f}" for i, r in enumerate(runs) if r.row == row] for row in rows],
-            title=f"{clip_score.METRIC_NAME} · seed {seed} · {steps} steps {sampler_name}/{scheduler}",
-        )
+        plot, grid = _pictures(plan, sampling, means, pixels, clip_score_model.model_id, len(prompts))
         report = {
             "metric": clip_score.METRIC_NAME,
             "x_axis": sweep.X_AXIS,
             "model": clip_score_model.model_id,
             "score_prompt": prompts,
             "truncation": truncation,
-            "n": n,
-            "settings": {
-                "seed": seed,
-                "steps": steps,
-                "sampler_name": sampler_name,
-                "scheduler": scheduler,
-                "cfg_values": cfgs,
-                "methods": [m for m in sweep.METHODS if any(r.method == m for r in runs)],
-                "reg": reg,
-                "apg": apg,
-                "pag_scale": pag_scale,
-                "latent_shape": list(latent.shape),
-            },
+            "n": len(prompts),
+            "settings": {**sampling.settings(), **plan.settings()},
             "runs": report_runs,
             "seconds": round(time.perf_counter() - started, 3),
         }
-        summary = sweep.summary_table(runs, means, clip_score.METRIC_NAME)
-        plot_tensor = to_image(plot)
-        grid_tensor = torch.from_numpy(grid).float().div(255.0).unsqueeze(0)
+        summary = sweep.summary_table(plan.runs, means, clip_score.METRIC_NAME)
         # the plot and the grid are outputs for preview/save nodes (the template has them); the node itself shows only
         # the summary, so each picture appears once
-        return io.NodeOutput(plot_tensor, grid_tensor, json.dumps(report, ensure_ascii=False), ui={"text": (summary,)})
+        return io.NodeOutput(plot, grid, json.dumps(report, ensure_ascii=False), ui={"text": (summary,)})
+
+
+@dataclass
+class SweepPlan:
+    """The runs of a sweep and the settings of its methods, checked when built."""
+
+    runs: list[sweep.SweepRun]
+    settings_reg: REGSettings
+    apg: dict
+    pag_scale: float
+
+    @classmethod
+    def of(cls, cfg_values: str, truncation: str, latent_image: dict, choices: dict) -> SweepPlan:
+        cfgs = sweep.parse_cfg_values(cfg_values)
+        methods = [method for name, method in METHOD_INPUTS.items() if choices[name]]
+        reg = REGSettings(**{f.name: choices[f.name] for f in dataclasses.fields(REGSettings)})
+        if truncation not in clip_score.TRUNCATION_MODES:
+            raise clip_score.InvalidInputError(f"truncation must be one of {clip_score.TRUNCATION_MODES}.")
+        try:
+            diagnostics.check_latent(latent_image["samples"], "latent_image")
+        except diagnostics.UnsupportedLatentError as err:
+            raise sweep.SweepConfigError(f"REGGuidanceSweep: {err}") from None
+        apg = {k: choices[k] for k in ("eta", "norm_threshold", "momentum")}
+        return cls(sweep.plan_runs(methods, cfgs), reg, apg, choices["pag_scale"])
+
+    @property
+    def reg(self) -> dict:
+        """The REG settings as the node's inputs name them."""
+        return {**dataclasses.asdict(self.settings_reg), "estimator": self.settings_reg.estimator.value}
+
+    def model(self, base, method: str):
+        """``base.clone()`` patched for ``method`` the way REGGuidance (and ComfyUI's APG/PAG nodes) would patch it."""
+        m = base.clone()
+        if method == "apg_reg":
+            m.set_model_sampler_pre_cfg_function(APGPreCfg(APG(**self.apg)))  # fresh momentum state for every run
+            m.model_options["disable_cfg1_optimization"] = True  # APG at scale 1 still needs the negative pass
+        elif method == "pag_reg":
+            m.set_model_sampler_post_cfg_function(pag_post_cfg(self.pag_scale))
+        if method != "cfg":
+            REGPatch(self.settings_reg).install(wrapper_adder(m))
+        return m
+
+    def run_report(self, run: sweep.SweepRun, result: clip_score.CLIPScoreResult, seconds: float) -> dict:
+        """One run's scores, settings and the plain-node workflow that reproduces it."""
+        out: dict = {
+            "method": run.method,
+            "label": run.label,
+            "cfg": run.cfg,
+            "guidance_weight": run.weight,
+            "sampler_cfg": run.sampler_cfg,
+        }
+        chain = []
+        if run.method == "apg_reg":
+            out["apg"] = self.apg
+            apg = self.apg
+            chain.append(f"APG(eta={apg['eta']:g}, norm_threshold={apg['norm_threshold']:g}, "
+                         f"momentum={apg['momentum']:g})")  # fmt: skip
+        if run.method == "pag_reg":
+            out["pag_scale"] = self.pag_scale
+            chain.append(f"PerturbedAttentionGuidance(scale={self.pag_scale:g})")
+        if run.method != "cfg":
+            out["reg"] = self.reg
+            chain.append("REGGuidance(" + ", ".join(f"{k}={v}" for k, v in self.reg.items()) + ")")
+        chain.append(f"KSampler(cfg={sweep.format_cfg(run.sampler_cfg)})")
+        out["equivalent"] = " → ".join(chain)
+        scores = {"score": result.mean, "scores": result.scores, "notes": result.notes}
+        return {**out, **scores, "seconds": round(seconds, 3)}
+
+    def settings(self) -> dict:
+        return {
+            "cfg_values": sorted({r.cfg for r in self.runs}),
+            "methods": [m for m in sweep.METHODS if any(r.method == m for r in self.runs)],
+            "reg": self.reg,
+            "apg": self.apg,
+            "pag_scale": self.pag_scale,
+        }
+
+
+@dataclass
+class Sampling:
+    """What every run of a sweep shares: conditioning, latent, noise, sampler and steps."""
+
+    positive: list
+    negative: list
+    latent: torch.Tensor
+    latent_image: dict
+    seed: int
+    steps: int
+    sampler_name: str
+    scheduler: str
+
+    def run(self, model, cfg: float, offset: int, pbar, vae) -> tuple[torch.Tensor, float]:
+        """Sample and decode one run KSampler's way (progress from ``offset`` on, previews); returns images, seconds."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+        def callback(step, x0, x, total_steps):
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer is not None else None
+            pbar.update_absolute(offset + step + 1, pbar.total, preview)
+
+        started = time.perf_counter()
+        noise = comfy.sample.prepare_noise(self.latent, self.seed, self.latent_image.get("batch_index"))
+        samples = comfy.sample.sample(
+            model, noise, self.steps, cfg, self.sampler_name, self.scheduler,
+            self.positive, self.negative, self.latent.clone(), noise_mask=self.latent_image.get("noise_mask"),
+            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=self.seed,
+        )  # fmt: skip
+        images = vae.decode(samples)
+        if images.ndim == 5:  # video VAEs: frames become images, as in VAEDecode
+            images = images.reshape(-1, *images.shape[-3:])
+        pbar.update_absolute(offset + self.steps, pbar.total)
+        return images, time.perf_counter() - started
+
+    def settings(self) -> dict:
+        return {
+            "seed": self.seed,
+            "steps": self.steps,
+            "sampler_name": self.sampler_name,
+            "scheduler": self.scheduler,
+            "latent_shape": list(self.latent.shape),
+        }
+
+
+def _pictures(plan: SweepPlan, sampling: Sampling, means: list[float], pixels: list, model_id: str, n: int):
+    """The score-vs-cfg plot and the labelled grid, as ComfyUI IMAGE tensors."""
+    runs = plan.runs
+    plot = sweep_plots.score_plot(runs, means, metric=clip_score.METRIC_NAME, subtitle=f"{model_id}, n = {n}")
+    rows = sorted({r.row for r in runs})
+    grid, _ = sweep_plots.compose_grid(
+        [[pixels[i] for i, r in enumerate(runs) if r.row == row] for row in rows],
+        row_labels=[next(r.label for r in runs if r.row == row) for row in rows],
+        col_labels=[f"cfg {sweep.format_cfg(c)}" for c in plan.settings()["cfg_values"]],
+        captions=[[f"{means[i]:.2f}" for i, r in enumerate(runs) if r.row == row] for row in rows],
+        title=f"{clip_score.METRIC_NAME} · seed {sampling.seed} · {sampling.steps} steps "
+        f"{sampling.sampler_name}/{sampling.scheduler}",
+    )
+    return to_image(plot), torch.from_numpy(grid).float().div(255.0).unsqueeze(0)
 
 
 NODES = [REGGuidanceSweep]

@@ -50,3 +50,25 @@ def test_reg_never_takes_a_single_slot_hook(harness, tiny):
         assert slot not in options, slot
     assert not options.get("sampler_pre_cfg_function") and not options.get("sampler_post_cfg_function")
     assert torch.isfinite(result.latent(sampler)).all()
+
+
+def test_nodes_show_what_matters_where_comfyui_can_hide_the_rest(reg_pack):
+    """Where ComfyUI's V3 inputs take ``advanced`` (0.33), REG Guider and the sweep show their main inputs and keep
+    the parameters of one base, one schedule or one window under "advanced"; 0.3.64 shows them all (and loads)."""
+    import inspect
+
+    from comfy_api.latest import io
+
+    import nodes
+
+    if "advanced" not in inspect.signature(io.Input.__init__).parameters:
+        schema = nodes.NODE_CLASS_MAPPINGS["REGGuider"].GET_SCHEMA()
+        assert not any(getattr(i, "advanced", None) for i in schema.inputs)
+        return
+    shown = {
+        node_id: [i.id for i in nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA().inputs if not i.advanced]
+        for node_id in ("REGGuidance", "REGGuider", "REGGuidanceSchedule")
+    }
+    assert shown["REGGuidance"] == ["model", "strength", "estimator"]
+    assert shown["REGGuider"] == ["model", "positive", "negative", "cfg", "base", "strength", "estimator", "schedule"]
+    assert len(shown["REGGuidanceSchedule"]) == 7  # the schedule node is about its parameters: all shown

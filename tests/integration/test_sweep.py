@@ -389,20 +389,21 @@ def test_reg_already_on_the_model_is_replaced_by_the_sweeps_own(tiny, reg_pack):
     assert all(patched.get_wrappers(kind, runtime.WRAPPER_KEY) for kind in kinds)  # the input model is untouched
     settings = runtime.REGSettings(strength=0.5)
     apg, pag = {"eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0}, 2.0
-    reg_model = sweep_node.patched_model(base, "reg", settings, apg, pag)
+    plan = sweep_node.SweepPlan([], settings, apg, pag)
+    reg_model = plan.model(base, "reg")
     (patch,) = [w.__self__ for w in reg_model.get_wrappers(WrappersMP.OUTER_SAMPLE, runtime.WRAPPER_KEY)]
     assert patch.settings is settings
-    assert not sweep_node.patched_model(base, "cfg", settings, apg, pag).get_wrappers(
+    assert not plan.model(base, "cfg").get_wrappers(
         WrappersMP.OUTER_SAMPLE, runtime.WRAPPER_KEY
     )
-    apg_model = sweep_node.patched_model(base, "apg_reg", settings, apg, pag)
+    apg_model = plan.model(base, "apg_reg")
     assert (
         len(apg_model.model_options["sampler_pre_cfg_function"])
         == len(base.model_options.get("sampler_pre_cfg_function", [])) + 1
     )
     assert apg_model.model_options["disable_cfg1_optimization"] is True  # APG at scale 1 keeps its negative pass
     assert "disable_cfg1_optimization" not in base.model_options
-    pag_model = sweep_node.patched_model(base, "pag_reg", settings, apg, pag)
+    pag_model = plan.model(base, "pag_reg")
     assert (
         len(pag_model.model_options["sampler_post_cfg_function"])
         == len(base.model_options.get("sampler_post_cfg_function", [])) + 1
