@@ -94,7 +94,3 @@ class APG:
         if scale == 0:
             return d_c, d_c
         return d_u + g + (d_c - d_u) / scale, d_u
-
-    def __call__(self, d_c: Tensor, d_u: Tensor, scale: float, sigma: float) -> Tensor:
-        """The APG-guided prediction ``D_c + s·G_apg``."""
-        return d_c + scale * self.guidance(d_c, d_u, sigma)

@@ -49,7 +49,7 @@ def test_apg_neutral_settings_equal_cfg_at_scale_plus_one() -> None:
     s = 4.5
     via_comfy_path = guidance.cfg(*apg.pre_cfg(d_c, d_u, s, 1.0), s)
     assert torch.allclose(via_comfy_path, guidance.cfg(d_c, d_u, s + 1), atol=1e-12)
-    assert torch.allclose(apg(d_c, d_u, s, 0.9), guidance.cfg(d_c, d_u, s + 1), atol=1e-12)
+    assert torch.allclose(d_c + s * apg.guidance(d_c, d_u, 0.9), guidance.cfg(d_c, d_u, s + 1), atol=1e-12)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, -1.0, 2.5])
@@ -78,14 +78,14 @@ def test_apg_matches_comfyui_semantics_over_a_run(eta: float, tau: float, moment
 def test_apg_momentum_state_resets_between_runs() -> None:
     apg = guidance.APG(eta=0.5, norm_threshold=0.0, momentum=0.8)
     steps = [(s, *tensors(20 + i)) for i, s in enumerate([5.0, 2.0, 1.0])]
-    first = [apg(c, u, 2.0, s) for s, c, u in steps]
+    first = [apg.guidance(c, u, s) for s, c, u in steps]
     assert apg.state.running is not None
     apg.state.reset()
-    second = [apg(c, u, 2.0, s) for s, c, u in steps]
+    second = [apg.guidance(c, u, s) for s, c, u in steps]
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     # Without a reset the momentum would carry over and change the first step of the next run.
-    carried = apg(steps[0][1], steps[0][2], 2.0, 0.5)
+    carried = apg.guidance(steps[0][1], steps[0][2], 0.5)
     assert not torch.allclose(carried, first[0])
 
 
