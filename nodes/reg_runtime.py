@@ -146,7 +146,9 @@ class REGRun:
             return 0 if conds and conds[0] is not None else None
         return next((i for i, cond in enumerate(conds) if cond is positive), None)
 
-    def decide(self, conds: list[Any], positive: int, sigma: torch.Tensor, model_options: dict) -> str | None:
+    def decide(
+        self, conds: list[Any], positive: int, sigma: torch.Tensor, model_options: dict, composition: Composition
+    ) -> str | None:
         """Whether REG acts at this evaluation: None when it does, else why not (the only place that decides).
 
         Called at the step's main pass, when every wrapper has set the step's cfg (schedules, CFGOverride) and the
@@ -160,7 +162,6 @@ class REGRun:
             return "context windows split each step into windows, which REG does not rectify"
         if not self.sigma_low <= float(sigma.max()) <= self.sigma_high:
             return OUTSIDE_WINDOW
-        composition = Composition.of(model_options)
         negative = any(c is not None for i, c in enumerate(conds) if i != positive)
         cfg = getattr(self.guider, "cfg", None)
         if type(self.guider).predict_noise is comfy.samplers.CFGGuider.predict_noise:
@@ -346,7 +347,8 @@ class REGPatch:
         if pos is None or conds[pos] is None:
             return executor(model, conds, x_in, timestep, model_options)
         step.claimed = True
-        step.skipped = run.decide(conds, pos, timestep, model_options)
+        composition = Composition.of(model_options)
+        step.skipped = run.decide(conds, pos, timestep, model_options, composition)
         if step.skipped is not None:
             if step.skipped != OUTSIDE_WINDOW and run.off is None:
                 run.say_once(step.skipped, "REG: %s.", step.skipped)
@@ -361,7 +363,7 @@ class REGPatch:
             timestep=timestep,
             model_options=model_options,
             space=run.space,
-            cobatch=Composition.of(model_options).cobatch,
+            cobatch=composition.cobatch,
         )
         return self._evaluate(run, step)
 
