@@ -147,7 +147,7 @@ class REGRun:
         return next((i for i, cond in enumerate(conds) if cond is positive), None)
 
     def decide(
-        self, conds: list[Any], positive: int, sigma: torch.Tensor, model_options: dict, composition: Composition
+        self, conds: list[Any], positive: int | None, sigma: torch.Tensor, model_options: dict, composition: Composition
     ) -> str | None:
         """Whether REG acts at this evaluation: None when it does, else why not (the only place that decides).
 
@@ -344,7 +344,8 @@ class REGPatch:
             with plain_kernels(model_options) as options:  # an extra guidance pass: the step's kernels
                 return executor(model, conds, x_in, timestep, options)
         pos = run.positive_index(conds)
-        if pos is None or conds[pos] is None:
+        windows = model_options.get("context_handler") is not None  # each window's call holds copies of the conds
+        if (pos is None or conds[pos] is None) and not windows:
             return executor(model, conds, x_in, timestep, model_options)
         step.claimed = True
         composition = Composition.of(model_options)

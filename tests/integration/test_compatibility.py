@@ -253,6 +253,21 @@ def block_keyed(model: Any) -> Any:
     return model
 
 
+def context_windows(model: Any) -> Any:
+    """ComfyUI's manual context windows over the latent's width (4 of 8 columns, overlapping by 2)."""
+    import inspect
+
+    import nodes
+
+    node_class = nodes.NODE_CLASS_MAPPINGS["ContextWindowsManual"]
+    options = node_class.GET_SCHEMA().inputs
+    schedule = next(i for i in options if i.id == "context_schedule").options[0]
+    inputs = {"context_length": 4, "context_overlap": 2, "context_schedule": schedule, "context_stride": 1,
+              "closed_loop": False, "fuse_method": "pyramid", "dim": 3, "freenoise": False}  # fmt: skip
+    accepted = inspect.signature(node_class.execute).parameters
+    return apply("ContextWindowsManual", model=model, **{k: v for k, v in inputs.items() if k in accepted})[0]
+
+
 def easycache(model: Any) -> Any:
     return apply("EasyCache", model=model, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95, verbose=False)[0]
 
@@ -290,6 +305,12 @@ CASES = {
     "PerpNegGuider": Case(guider="perp_neg"),
     "DualModelGuider": Case(guider="dual_model", since=(0, 33)),
     "FreeU_V2": Case(node("FreeU_V2", b1=1.3, b2=1.4, s1=0.9, s2=0.2)),
+    "TCFG": Case(node("TCFG")),
+    "FreSca": Case(node("FreSca", scale_low=1.0, scale_high=1.25, freq_cutoff=2)),
+    "TemporalScoreRescaling (after REG)": Case(
+        node("TemporalScoreRescaling", tsr_k=0.95, tsr_sigma=1.0), after=("TemporalScoreRescaling",), since=(0, 33)
+    ),
+    "context windows": Case(lambda model: context_windows(model), steps=2, off="context windows"),
     "EasyCache": Case(easycache, steps=4, off="EasyCache serves cached predictions"),
     "euler_cfg_pp sampler": Case(sampler="euler_cfg_pp", cfg=1.5),
     "heun (two evaluations per step)": Case(sampler="heun", steps=2),
