@@ -1,2 +1,2 @@
-"""Benchmarks of the REG pack: ``bench_reg.py`` (cost inside ComfyUI, or of the pure-torch core) and ``quality.py``
-(how far the cheap estimators are from exact REG). Shared helpers live in ``benchlib.py``."""
+"""Benchmarks of the REG pack: ``cost.py`` (REG's cost next to CFG's inside ComfyUI), ``gpu_check.py`` (the same as one
+command for a bare GPU machine) and ``trained.py`` (REG on a network trained at run time, ``digits.py``)."""
