@@ -60,11 +60,25 @@ class CondPass:
     space: Space
     cobatch: bool = False
     exact_kernels: bool = False
+    mask: torch.Tensor | None = None  # the sampler's denoise mask at this evaluation (see :meth:`weight`)
 
     @property
     def factor(self) -> torch.Tensor:
         """``a(σ)`` of the step (reg_core.rectify.Space)."""
         return self.space.factor(self.timestep, self.x)
+
+    def weight(self) -> torch.Tensor | None:
+        """The step's denoise mask ``w`` shaped like ``x``; None without one.
+
+        With a mask (SetLatentNoiseMask and inpainting, the start frames of Wan 2.2 / LTX-Video / Cosmos
+        image-to-video) ComfyUI's sampler denoises with ``D_eff(x) = w ⊙ D(w ⊙ x + (1 − w) ⊙ c) + (1 − w) ⊙ latent``
+        (``KSamplerX0Inpaint``): the model sees ``w ⊙ x``, and only ``w ⊙`` its prediction is kept. REG's M for that
+        denoiser, with the blend applied to REG's result afterwards, is ``a·w ⊙ Jᵀw`` (gradient-free:
+        ``a·w ⊙ (D(x + h·w) − D(x))/h``): predictions the sampler replaces by the known latent do not count.
+        """
+        if self.mask is None:
+            return None
+        return self.mask.to(self.x).expand_as(self.x)
 
     def fd_step(self) -> torch.Tensor:
         """The per-sample finite-difference step ``h`` for this model and σ (reg_core.rectify.fd_step)."""

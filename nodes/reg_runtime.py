@@ -106,6 +106,7 @@ class StepState:
     cond_pass: CondPass | None = None
     estimate: Estimate | None = None
     deferred: list[tuple[Any, dict]] = field(default_factory=list)
+    mask: torch.Tensor | None = None  # the sampler's denoise mask at this evaluation (None without one)
 
 
 @dataclass
@@ -126,6 +127,7 @@ class REGRun:
     guidance: str = ""  # what REG rectified, for the run's line
     fallback: str | None = None
     said: set[str] = field(default_factory=set)
+    denoise_mask: torch.Tensor | None = None  # recorded by :func:`_mask_recorder` just before the evaluation
 
     def say_once(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
         """Log ``message`` the first time ``key`` comes up in this run."""
@@ -266,6 +268,7 @@ class REGPatch:
         run = self.start_run(guider)
         guider.model_options = comfy.model_patcher.create_model_options_clone(original)
         guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run
+        guider.model_options["denoise_mask_function"] = _mask_recorder(run, original.get("denoise_mask_function"))
         try:
             output = executor(*args, **kwargs)
             run.record.output_key = diagnostics.latent_key(output)
@@ -282,6 +285,7 @@ class REGPatch:
         if run is None:
             return executor(x, timestep, model_options, seed)
         run.step = step = StepState()
+        step.mask, run.denoise_mask = run.denoise_mask, None
         try:
             d_guided = executor(x, timestep, _hold_back(model_options, step), seed)
             return self._finish(run, step, d_guided, timestep.detach().clone())
@@ -365,6 +369,7 @@ class REGPatch:
             model_options=model_options,
             space=run.space,
             cobatch=composition.cobatch,
+            mask=step.mask if step.mask is not None and step.mask.shape[0] == x_in.shape[0] else None,
         )
         return self._evaluate(run, step)
 
@@ -404,6 +409,18 @@ class REGPatch:
                 ) from err
         run.fall_back(reason)
         return run.estimator.evaluate(cond_pass)
+
+
+def _mask_recorder(run: REGRun, previous: Any) -> Any:
+    """A ``denoise_mask_function`` that records the mask the sampler uses at each evaluation (after any such function
+    already on the model, e.g. Differential Diffusion's) for REG's M (:meth:`nodes.passes.CondPass.weight`)."""
+
+    def record(sigma: torch.Tensor, denoise_mask: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        mask = denoise_mask if previous is None else previous(sigma, denoise_mask, extra_options=extra_options)
+        run.denoise_mask = mask
+        return mask
+
+    return record
 
 
 def _hold_back(model_options: dict, step: StepState) -> dict:

@@ -601,9 +601,38 @@ def _in_training() -> Iterator[None]:
     previous = comfy.model_management.in_training
     comfy.model_management.in_training = True
     try:
-        yield
+        with _eager_kitchen():
+            yield
     finally:
         comfy.model_management.in_training = previous
+
+
+# comfy_kitchen kernels that a ComfyUI model calls with no plain-torch branch of its own (ComfyUI 0.33: Cosmos
+# Predict 2 and Anima call ``comfy.quant_ops.ck.rms_rope_split_half`` whatever ``in_training`` says). They are torch
+# custom ops without an autograd formula; comfy_kitchen's eager backend implements the same function in plain torch.
+EAGER_KITCHEN_KERNELS = ("rms_rope_split_half",)
+
+
+@contextlib.contextmanager
+def _eager_kitchen() -> Iterator[None]:
+    """comfy_kitchen's eager (plain-torch, differentiable) implementations of :data:`EAGER_KITCHEN_KERNELS` in place
+    of its custom ops, restored in ``finally``; nothing changes where comfy_kitchen or its eager backend is absent."""
+    try:
+        import comfy.quant_ops
+        from comfy_kitchen.backends.eager import rope as eager
+    except ImportError:
+        yield
+        return
+    kitchen = getattr(comfy.quant_ops, "ck", None)
+    swapped = [(name, getattr(kitchen, name)) for name in EAGER_KITCHEN_KERNELS if hasattr(kitchen, name)]
+    swapped = [(name, original) for name, original in swapped if hasattr(eager, name)]
+    try:
+        for name, _ in swapped:
+            setattr(kitchen, name, getattr(eager, name))
+        yield
+    finally:
+        for name, original in swapped:
+            setattr(kitchen, name, original)
 
 
 def _attention_override(previous: Callable | None) -> Callable:

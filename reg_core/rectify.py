@@ -94,12 +94,14 @@ VE = Space()
 FLOW = Space(flow=True)
 
 
-def column_sums(d_c: Tensor, x: Tensor) -> Tensor:
+def column_sums(d_c: Tensor, x: Tensor, weight: Tensor | None = None) -> Tensor:
     """``Jᵀ𝟙 = ∇_x Σ_i D_c,i(x)``: one vector-Jacobian product with the all-ones vector (README, "What REG does").
 
+    With ``weight`` (a denoise mask ``w`` shaped like ``d_c``) the weighted sums ``Jᵀw = ∇_x Σ_i w_i·D_c,i``.
     ``d_c`` must have been computed from ``x`` (which requires grad) with autograd enabled.
     """
-    (grad,) = torch.autograd.grad(d_c, x, grad_outputs=torch.ones_like(d_c))
+    ones = torch.ones_like(d_c) if weight is None else weight.to(d_c)
+    (grad,) = torch.autograd.grad(d_c, x, grad_outputs=ones)
     return grad
 
 

@@ -226,3 +226,22 @@ def test_three_estimators_differ_in_general_and_coincide_in_one_dimension() -> N
 
 def test_estimator_names_are_the_node_options() -> None:
     assert [e.value for e in Estimator] == ["vjp", "vjp-low-memory", "gradient-free", "chain"]
+
+
+def test_weighted_column_sums_are_the_masked_samplers_jacobian() -> None:
+    """With a denoise mask w the sampler's denoiser is D_eff(x) = w ⊙ D(w ⊙ x + (1 − w) ⊙ c) + (1 − w) ⊙ c0, whose
+    column sums are w ⊙ Jᵀw: exactly ``w * column_sums(D, x', w)`` at the masked input x'."""
+    d = 7
+    net = random_net(d, 3)
+    gen = torch.Generator().manual_seed(4)
+    x, c = torch.randn(2, d, generator=gen), torch.randn(2, d, generator=gen)
+    w = torch.rand(2, d, generator=gen)
+
+    def effective(z: torch.Tensor) -> torch.Tensor:
+        return w * net(w * z + (1 - w) * c) + (1 - w) * c
+
+    _, want = rectify.reg_factor_vjp(effective, x, 0.5)
+    leaf = (w * x + (1 - w) * c).requires_grad_(True)
+    got = w * rectify.column_sums(net(leaf), leaf, w)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert not torch.allclose(got, rectify.column_sums(net(leaf), leaf))  # the unweighted sums differ

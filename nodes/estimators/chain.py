@@ -23,12 +23,14 @@ class ChainEstimate:
     d_c: torch.Tensor
     graph: tuple[torch.Tensor, torch.Tensor] | None  # (D_c with graph, leaf x)
     factor: torch.Tensor
+    weight: torch.Tensor | None = None  # the denoise mask w: Jᵀ(w² ⊙ δ) (nodes.passes.CondPass.weight)
 
     def rectify(self, d_guided: torch.Tensor, strength: float) -> torch.Tensor:
         d_graph, leaf = self.graph
         self.graph = None
         with torch.inference_mode(False), torch.enable_grad():
-            jt_delta = rectify.chain_product(d_graph, leaf, (d_guided - self.d_c).clone())
+            delta = (d_guided - self.d_c).clone()
+            jt_delta = rectify.chain_product(d_graph, leaf, delta if self.weight is None else self.weight**2 * delta)
         return rectify.rectify_chain(self.d_c, d_guided, jt_delta, self.factor, strength)
 
     def factor_map(self) -> torch.Tensor | None:
@@ -49,9 +51,11 @@ class Chain:
         cond_pass = cond_pass.exact()
         with self.traced.open(cond_pass, checkpoint=False) as traced:
             d_c, leaf = Traced.forward(cond_pass, traced)
-            sums = None if self.audited else torch.autograd.grad(d_c, leaf, torch.ones_like(d_c), retain_graph=True)[0]
+            weight = cond_pass.weight()
+            ones = torch.ones_like(d_c) if weight is None else weight.to(d_c)
+            sums = None if self.audited else torch.autograd.grad(d_c, leaf, ones, retain_graph=True)[0]
         if sums is not None:
             self.audited = True
             audit(cond_pass, sums)
         detached = d_c.detach()
-        return cond_pass.branches(detached), ChainEstimate(detached, (d_c, leaf), cond_pass.factor)
+        return cond_pass.branches(detached), ChainEstimate(detached, (d_c, leaf), cond_pass.factor, weight)

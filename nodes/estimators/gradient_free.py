@@ -31,5 +31,9 @@ class GradientFree:
         # with a patch that guides inside the batch (NAG) the batch's positive is already guided
         d_c = cond_pass.positive_only() if cond_pass.cobatch else outputs[cond_pass.positive]
         h = cond_pass.fd_step()
-        shifted = cond_pass.positive_only(cond_pass.x + h)
-        return outputs, FactorEstimate(d_c, rectify.fd_factor(d_c, shifted, h, cond_pass.factor))
+        weight = cond_pass.weight()  # with a denoise mask the sampler's x + h𝟙 reaches the model as x + h·w
+        if weight is None:
+            shifted = cond_pass.positive_only(cond_pass.x + h)
+            return outputs, FactorEstimate(d_c, rectify.fd_factor(d_c, shifted, h, cond_pass.factor))
+        shifted = cond_pass.positive_only(cond_pass.x + h * weight)
+        return outputs, FactorEstimate(d_c, weight * rectify.fd_factor(d_c, shifted, h, cond_pass.factor))

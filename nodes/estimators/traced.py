@@ -130,7 +130,9 @@ def audit(cond_pass: CondPass, column_sums: torch.Tensor) -> None:
     h = cond_pass.fd_step()
     plus = cond_pass.positive_only(cond_pass.x + h * v)
     minus = cond_pass.positive_only(cond_pass.x - h * v)
-    directional = ((plus - minus) / (2 * h)).flatten(1).double().sum(1)
+    difference = (plus - minus) / (2 * h)
+    weight = cond_pass.weight()  # the audit checks ⟨Jᵀw, v⟩ = wᵀJv
+    directional = (difference if weight is None else weight * difference).flatten(1).double().sum(1)
     projected = (column_sums * v).flatten(1).double().sum(1)
     scale = column_sums.flatten(1).double().norm(dim=1).clamp_min(1e-30)
     mismatch = float(((projected - directional).abs() / scale).max())

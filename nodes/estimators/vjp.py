@@ -53,7 +53,9 @@ class ExactVJP:
         if not self.audited:
             self.audited = True
             audit(cond_pass, sums)
-        return cond_pass.branches(d_c), FactorEstimate(d_c, sums * cond_pass.factor)
+        weight = cond_pass.weight()
+        m = sums * cond_pass.factor if weight is None else weight * sums * cond_pass.factor
+        return cond_pass.branches(d_c), FactorEstimate(d_c, m)
 
     def _column_sums(self, cond_pass: CondPass) -> tuple[torch.Tensor, torch.Tensor]:
         if self.low_memory or self.bounded:
@@ -76,5 +78,5 @@ class ExactVJP:
     def _pass(self, cond_pass: CondPass, *, checkpoint: bool, budget: float | None = None):
         with self.traced.open(cond_pass, checkpoint=checkpoint, budget=budget) as traced:
             d_c, leaf = Traced.forward(cond_pass, traced)
-            sums = rectify.column_sums(d_c, leaf)
+            sums = rectify.column_sums(d_c, leaf, cond_pass.weight())
         return d_c.detach(), sums
