@@ -375,7 +375,7 @@ def m_rows(setup: Setup, w: float, blank: Tensor, pack: Any) -> list[list[str]]:
     and ``J𝟙`` at the same points."""
     states: list[Tensor] = []
     _, model = setup.sample(METHODS[1], w, 0, callback=lambda i, x0, x, n: states.append(x.clone()))
-    record = pack.submodule("nodes.diagnostics").find_patch(model, None).last_record
+    (record,) = pack.submodule("nodes.diagnostics").find_patch(model, None).records.values()  # a fresh patch
     base = setup.trained.model.model
     context, pooled = setup.positive[0][0], setup.positive[0][1]["pooled_output"]
     rows = []

@@ -225,7 +225,6 @@ class REGPatch:
     def __init__(self, settings: REGSettings) -> None:
         self.settings = settings
         self.records: OrderedDict[str, RunRecord] = OrderedDict()
-        self.last_record: RunRecord | None = None
 
     def install(self, add_wrapper: AddWrapper) -> None:
         """Register the keyed wrappers with ``add_wrapper(type, key, fn)`` (see :func:`nodes.common.wrapper_adder`)."""
@@ -259,7 +258,6 @@ class REGPatch:
             run.off = "the model adds no noise (an image-to-image flow), so there is no noise level for M"
         if run.off is not None:
             log.warning("REG: %s; REG leaves the guidance unchanged in this run.", run.off)
-        self.last_record = run.record
         return run
 
     def outer_sample(self, executor, *args, **kwargs):

@@ -81,17 +81,21 @@ def test_records_are_bounded_and_replaced_every_run(harness, tiny, reg_pack):
     sampler = ksampler(g, inp, model=patched.out(0), steps=3)
     result = harness.run(g, outputs=[sampler, patched])
     patch = result.value(patched, 0).get_wrappers("outer_sample", "reg_guidance")[0].__self__
-    assert len(patch.last_record.steps) == 3
-    for step in patch.last_record.steps:
+    record = patch.record_for(result.latent(sampler))
+    assert len(record.steps) == 3
+    for step in record.steps:
         assert tuple(step.m_map.shape) == (1, 4, 24, 32)  # pooled by 2 so that the long side is ≤ 48
 
     model, positive, negative, _ = load_family(tiny, "sd15")
     direct = _patched(model)
     patch = direct.get_wrappers("outer_sample", "reg_guidance")[0].__self__
-    _sample(direct, positive, negative, steps=3)
-    first = patch.last_record
-    _sample(direct, positive, negative, steps=3)
-    assert patch.last_record is not first and len(patch.last_record.steps) == 3  # replaced, not accumulated
+    first = patch.record_for(_sample(direct, positive, negative, steps=3, seed=1))
+    second = patch.record_for(_sample(direct, positive, negative, steps=3, seed=2))
+    assert second is not first and len(first.steps) == len(second.steps) == 3  # one record per run, not accumulated
+    for seed in range(3, 12):
+        _sample(direct, positive, negative, steps=1, seed=seed)
+    kept = reg_pack.submodule("nodes.reg_runtime").KEPT_RECORDS
+    assert len(patch.records) == kept and first not in patch.records.values()  # the oldest runs are dropped
 
 
 def test_guider_records_too(harness, tiny):
@@ -165,7 +169,7 @@ def test_video_latents_are_diagnosed_with_maps_averaged_over_frames(reg_pack):
     assert [s["active"] for s in record["steps"]] == [True, True] and record["maps_shown"] == [0, 1]
     assert all(math.isfinite(s["mean"][0]) and s["p05"][0] <= s["p50"][0] <= s["p95"][0] for s in record["steps"])
     patch = patched.get_wrappers("outer_sample", "reg_guidance")[0].__self__
-    assert tuple(patch.last_record.steps[0].m_map.shape) == (1, 16, 8, 8)  # [B, C, H, W]: frames averaged
+    assert tuple(patch.record_for(samples).steps[0].m_map.shape) == (1, 16, 8, 8)  # [B, C, H, W]: frames averaged
     assert stats.shape[0] == maps.shape[0] == 1 and maps.shape[2] > 2 * 192  # two square heatmaps side by side
 
 
