@@ -141,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"ComfyUI unpacked in {work / 'ComfyUI'}; wheels unzipped: {', '.join(wheels) or 'none'}")
         still = missing_modules(NEEDED, work / "site")
         if still:
-            raise SystemExit(f"{sys.executable} (Python {python}) lacks {still}, and .gpu-carry has no wheel for "
-                             f"it (packed for {manifest['python']}, left out: {manifest['left_out']}); rebuild with "
-                             "./dev gpu-pack --python-version X.Y (torchvision must match torch and is never packed)")
+            raise SystemExit(
+                f"{sys.executable} (Python {python}) lacks {still}, and .gpu-carry has no wheel for "
+                f"it (packed for {manifest['python']}, left out: {manifest['left_out']}); rebuild with "
+                "./dev gpu-pack --python-version X.Y (torchvision must match torch and is never packed)"
+            )
         out = Path(os.environ.get("OUT") or REPO / "bench" / "results")
         out.mkdir(parents=True, exist_ok=True)
         report = out / ("gpu_check_dry_run.md" if dry else "gpu_check.md")

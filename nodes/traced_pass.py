@@ -122,7 +122,6 @@ class RecomputeMismatchError(NoGraphError):
     """A block recomputed for the backward did not reproduce its forward output."""
 
 
-
 @dataclass
 class Recast:
     """How to make one per-layer weight copy again: ComfyUI's ``cast_bias_weight`` for the same layer and arguments."""
@@ -218,6 +217,7 @@ def _stand_in(value: Any) -> Any:
     if type(value) is torch.Tensor:
         return torch.empty(0, dtype=value.dtype, device=value.device)
     return value
+
 
 class SavedTensorGuard:
     """``saved_tensors_hooks`` that make sure the backward reads what the forward saved, never something overwritten.

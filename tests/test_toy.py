@@ -65,7 +65,7 @@ def test_optimal_guidance_vanishes_without_reward() -> None:
 
 
 def test_reg_is_closer_to_the_optimum_than_cfg_at_every_noise_level() -> None:
-    """The toy result (README, "The exact toy"): REG's guidance term is closer to σ²∇log E than CFG's, at every σ."""
+    """The toy result (CONTRIBUTING.md, exact toy): REG's guidance term is closer to σ²∇log E than CFG's, at every σ."""
     t = toy.make_toy_2d()
     rows = demo.guidance_errors(t, 3.0, 300, torch.Generator().manual_seed(3))
     for row in rows:

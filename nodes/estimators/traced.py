@@ -142,4 +142,3 @@ def audit(cond_pass: CondPass, column_sums: torch.Tensor) -> None:
             f"the differentiated pass misses part of the network (⟨M, v⟩ is {mismatch:.0%} off the network's own "
             "directional difference): a layer or kernel without a backward cut it"
         )
-

@@ -393,9 +393,7 @@ def test_reg_already_on_the_model_is_replaced_by_the_sweeps_own(tiny, reg_pack):
     reg_model = plan.model(base, "reg")
     (patch,) = [w.__self__ for w in reg_model.get_wrappers(WrappersMP.OUTER_SAMPLE, runtime.WRAPPER_KEY)]
     assert patch.settings is settings
-    assert not plan.model(base, "cfg").get_wrappers(
-        WrappersMP.OUTER_SAMPLE, runtime.WRAPPER_KEY
-    )
+    assert not plan.model(base, "cfg").get_wrappers(WrappersMP.OUTER_SAMPLE, runtime.WRAPPER_KEY)
     apg_model = plan.model(base, "apg_reg")
     assert (
         len(apg_model.model_options["sampler_pre_cfg_function"])
