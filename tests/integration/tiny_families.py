@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tiny_models import _meta, comfyui_version, randomise
+from tiny_models import _meta, checked_load, comfyui_version, randomise
 
 Conditioning = Callable[[torch.Generator, tuple[int, ...]], tuple[torch.Tensor, dict]]
 
@@ -591,13 +591,7 @@ def load(family: str) -> tuple[object, str]:
             offload_device=comfy.model_management.unet_offload_device(),
         )
         how = CLASS
-    found = type(patcher.model.model_config).__name__
-    if found != spec.model_class:
-        raise RuntimeError(f"tiny {family} loaded as {found}, expected {spec.model_class}")
-    loaded = patcher.model.diffusion_model.state_dict()
-    if set(loaded) != set(state) or not all(torch.equal(loaded[k].to(v.dtype), v) for k, v in state.items()):
-        raise RuntimeError(f"tiny {family} did not load its weights unchanged ({how})")
-    return patcher, how
+    return checked_load(patcher, how, family, spec.model_class, state)
 
 
 def conditioning(family: str, seed: int) -> list:

@@ -504,9 +504,14 @@ def load_modern(family: str, state: dict[str, torch.Tensor] | None = None) -> tu
     else:
         patcher = load_with_config(state, family_config(family))
         how = "supported-model class with the tiny config (detection reads full-size widths)"
+    return checked_load(patcher, how, family, spec.model_class, state)
+
+
+def checked_load(patcher, how: str, family: str, model_class: str, state: dict[str, torch.Tensor]) -> tuple:
+    """``(patcher, how)`` once the tiny ``family`` loaded as ``model_class`` with exactly the weights of ``state``."""
     found = type(patcher.model.model_config).__name__
-    if found != spec.model_class:
-        raise RuntimeError(f"tiny {family} loaded as {found}, expected {spec.model_class}")
+    if found != model_class:
+        raise RuntimeError(f"tiny {family} loaded as {found}, expected {model_class}")
     loaded = patcher.model.diffusion_model.state_dict()
     if set(loaded) != set(state) or not all(torch.equal(loaded[k].to(v.dtype), v) for k, v in state.items()):
         raise RuntimeError(f"tiny {family} did not load its weights unchanged ({how})")
