@@ -3,8 +3,8 @@
 REG rectifies guidance: ``D_c + M ⊙ (D_guided − D_c)``, where ``D_guided`` is the prediction once every guidance
 hook has run. A post-cfg function that is not guidance (Epsilon Scaling, TemporalScoreRescaling, the cfg++
 samplers' bookkeeping) changes even an unguided prediction, so it acts on REG's result instead of inside M's
-product. The table below says which core function is which (README, "Compatibility"); a function it does not know is
-treated as guidance and named once in the run's log line.
+product. The table below says which core function is which (README, "Compatibility with the rest of your graph");
+a function it does not know is treated as guidance and named once in the run's log line.
 """
 
 from __future__ import annotations

@@ -13,11 +13,14 @@ from ..reg_core.guidance import APG
 from ..reg_core.rectify import Estimator
 from ..reg_core.schedules import Progress, Schedule
 from .common import ADVANCED, LOGGER_NAME, REGConfigError, wrapper_adder
-from .guidance_hooks import APGPreCfg, pag_post_cfg
+from .guidance_hooks import check_pag_model, install_apg, pag_post_cfg
 from .reg_runtime import WRAPPER_KEY, REGPatch, REGSettings, remove_reg
 from .schedule_patch import SCHEDULE_KEY, SchedulePatch, ScheduleSettings, remove_schedule
 
 log = logging.getLogger(LOGGER_NAME)
+DIT_PAG_FIX = (
+    "Use base 'cfg' with ComfyUI's SkipLayerGuidanceDiT on the model for a DiT's perturbed-attention guidance."
+)
 
 CATEGORY = "sampling/guidance/REG"
 
@@ -294,15 +297,9 @@ class REGCFGGuider(comfy.samplers.CFGGuider):
         if schedule is not None:
             schedule.install(add)
         if apg is not None:
-            comfy.model_patcher.set_model_options_pre_cfg_function(self.model_options, APGPreCfg(apg))
-            self.model_options["disable_cfg1_optimization"] = True  # APG at scale 1 still needs the negative pass
+            install_apg(self.model_options, apg)
         if pag_scale != 0:
-            if not hasattr(model_patcher.model.diffusion_model, "middle_block"):
-                raise REGConfigError(
-                    "REGGuider: base 'pag' perturbs the self-attention of a UNet's middle block, which this model "
-                    f"({type(model_patcher.model.model_config).__name__}) does not have. Use base 'cfg' with "
-                    "ComfyUI's SkipLayerGuidanceDiT on the model for a DiT's perturbed-attention guidance."
-                )
+            check_pag_model(model_patcher, "REGGuider: base 'pag'", DIT_PAG_FIX)
             comfy.model_patcher.set_model_options_post_cfg_function(self.model_options, pag_post_cfg(pag_scale))
 
     def sample(self, *args, **kwargs):

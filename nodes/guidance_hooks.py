@@ -10,13 +10,14 @@ import torch
 
 from ..reg_core import guidance
 from ..reg_core.guidance import APG
+from .common import REGConfigError
 
 
 class APGPreCfg:
     """A pre-cfg hook running reg_core's APG with ComfyUI's semantics; a no-op when the uncond pass was skipped.
 
-    The sampler's cfg is APG's cond-anchored scale ``s`` (result ``D_c + s·G_apg``), not CFG's: the schedule asks
-    :func:`has_apg` to schedule it as such.
+    The sampler's cfg is APG's cond-anchored scale ``s`` (result ``D_c + s·G_apg``), not CFG's: the schedule finds
+    it in ``nodes.composition.COND_ANCHORED`` and schedules it as such.
     """
 
     def __init__(self, apg: APG) -> None:
@@ -28,6 +29,22 @@ class APGPreCfg:
             return out
         sigma = float(args["sigma"][0])
         return [*self.apg.pre_cfg(out[0], out[1], args["cond_scale"], sigma), *out[2:]]
+
+
+def install_apg(model_options: dict, apg: APG) -> None:
+    """APG on ``model_options`` being built (a fresh clone's), with ComfyUI's cfg-1 shortcut off: APG at scale 1
+    still needs the negative pass."""
+    comfy.model_patcher.set_model_options_pre_cfg_function(model_options, APGPreCfg(apg))
+    model_options["disable_cfg1_optimization"] = True
+
+
+def check_pag_model(model_patcher, what: str, fix: str) -> None:
+    """Refuse PAG (``what``, e.g. the input that asks for it) on a model without a UNet middle block, naming ``fix``."""
+    if not hasattr(model_patcher.model.diffusion_model, "middle_block"):
+        raise REGConfigError(
+            f"{what}: PAG perturbs the self-attention of a UNet's middle block, which this model "
+            f"({type(model_patcher.model.model_config).__name__}) does not have. {fix}"
+        )
 
 
 def _identity_attention(q, k, v, extra_options, mask=None):

@@ -105,6 +105,16 @@ class CondPass:
         conds = [c if i == self.positive else None for i, c in enumerate(self.conds)]
         return self._call(conds, self.x if x is None else x, options)[self.positive]
 
+    def d_c(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """``D_c`` of this step from the main call's ``outputs``: with a patch that guides inside the batch (NAG) the
+        batch's positive is already guided, so the positive branch then runs on its own."""
+        return self.positive_only() if self.cobatch else outputs[self.positive]
+
+    def weighted(self, m: torch.Tensor) -> torch.Tensor:
+        """``w ⊙ m`` with the step's denoise mask ``w`` (:meth:`weight`); ``m`` without one."""
+        weight = self.weight()
+        return m if weight is None else weight * m
+
     def others(self) -> list[torch.Tensor]:
         """Every branch but the positive one, each with its own label (zeros at the positive's place)."""
         return self._call([None if i == self.positive else c for i, c in enumerate(self.conds)], self.x)

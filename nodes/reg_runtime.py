@@ -10,7 +10,8 @@ single-slot hook, so the result does not depend on node order:
 - ``PREDICT_NOISE`` (per model evaluation): lets the whole guidance chain run, then returns
   ``D_c + M_λ ⊙ (D_guided − D_c)`` from the step's estimate; post-cfg functions that are not guidance
   (nodes/composition.py) are held back while the chain runs and applied to REG's result;
-- ``CALC_COND_BATCH``: the first call of a step that holds the positive branch is the main pass. There, when this
+- ``CALC_COND_BATCH``: the first call of a step that holds the positive branch (with context windows: the first
+  call) is the main pass. There, when this
   step's cfg, conds and hooks are known, :meth:`REGRun.decide` decides whether REG acts, and the run's estimator
   runs the call (nodes/estimators/). Later calls (PAG/SAG/SLG extra passes) are never differentiated; when the step
   is exact they use the differentiated pass's kernels.
@@ -200,14 +201,9 @@ class REGRun:
         return text
 
 
-def run_of(options: dict | None) -> REGRun | None:
-    """The current run's holder, from ``model_options`` or ``transformer_options``."""
-    if not options:
-        return None
-    run = options.get(RUN_KEY)
-    if run is None:
-        run = options.get("transformer_options", {}).get(RUN_KEY)
-    return run
+def run_of(model_options: dict | None) -> REGRun | None:
+    """The current run's holder, kept in ``model_options["transformer_options"]`` for the run."""
+    return (model_options or {}).get("transformer_options", {}).get(RUN_KEY)
 
 
 def remove_reg(patcher: Any) -> bool:
@@ -233,7 +229,7 @@ class REGPatch:
 
     def record_for(self, samples: torch.Tensor) -> RunRecord | None:
         """The record of the run whose output is ``samples`` (None when no kept run produced it)."""
-        return self.records.get(diagnostics.latent_key(samples))
+        return self.records.get(_latent_key(samples))
 
     def start_run(self, guider: Any) -> REGRun:
         """Fresh state for a sampling run of ``guider``."""
@@ -269,8 +265,7 @@ class REGPatch:
         guider.model_options["denoise_mask_function"] = _mask_recorder(run, original.get("denoise_mask_function"))
         try:
             output = executor(*args, **kwargs)
-            run.record.output_key = diagnostics.latent_key(output)
-            self.records[run.record.output_key] = run.record
+            self.records[_latent_key(output)] = run.record
             while len(self.records) > KEPT_RECORDS:
                 self.records.popitem(last=False)
             return output
@@ -292,7 +287,7 @@ class REGPatch:
 
     def _finish(self, run: REGRun, step: StepState, d_guided: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """REG's prediction for the step, then the post-cfg functions that act after it."""
-        if not step.acting or step.estimate is None:
+        if not step.acting:
             reason = step.skipped or "the positive branch was never evaluated (a custom guider or cond-batch function)"
             if step.skipped is None:
                 run.say_once("no-pass", "REG: %s; REG is skipped at such steps.", reason)
@@ -305,17 +300,13 @@ class REGPatch:
         return result
 
     def _rectify(self, run: REGRun, step: StepState, d_guided: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        estimate = step.estimate
+        estimate, reason = step.estimate, None
         try:
-            result = estimate.rectify(d_guided, self.settings.strength)
-        except torch.OutOfMemoryError:
-            comfy.model_management.soft_empty_cache()
-            estimate, result = self._fall_back_now(run, step, d_guided, "not enough memory for the backward pass")
+            result = estimate.rectify(d_guided, self.settings.strength)  # chain's backward runs here
         except (RuntimeError, NotImplementedError) as err:
-            reason = known_autograd_failure(err)
-            if reason is None:
-                kind = run.estimator.kind.value
-                raise RuntimeError(f"REGGuidance ({kind}): the backward pass failed: {err}") from err
+            reason = _fallback_reason(run, err, "the backward pass")
+        if reason is not None:  # after the except block: the failed graph, held by its traceback, is gone
+            comfy.model_management.soft_empty_cache()
             estimate, result = self._fall_back_now(run, step, d_guided, reason)
         delta = d_guided - estimate.d_c
         m = estimate.factor_map()
@@ -367,7 +358,7 @@ class REGPatch:
             model_options=model_options,
             space=run.space,
             cobatch=composition.cobatch,
-            mask=step.mask if step.mask is not None and step.mask.shape[0] == x_in.shape[0] else None,
+            mask=_step_mask(run, step.mask, x_in),
         )
         return self._evaluate(run, step)
 
@@ -380,8 +371,7 @@ class REGPatch:
         reuse = run.last_m is not None and run.last_m.shape == cond_pass.x.shape
         if reuse and not rectify.is_fresh_evaluation(evaluation, k):
             outputs = cond_pass.main()
-            d_c = cond_pass.positive_only() if cond_pass.cobatch else outputs[cond_pass.positive]
-            step.estimate = FactorEstimate(d_c, run.last_m)
+            step.estimate = FactorEstimate(cond_pass.d_c(outputs), run.last_m)
             return outputs
         outputs, step.estimate = self._estimate(run, cond_pass)
         step.exact = run.estimator.kind is not Estimator.GRADIENT_FREE
@@ -393,20 +383,49 @@ class REGPatch:
         """The run's estimator on the main call, falling back to gradient-free for the failures it can name."""
         try:
             outputs, estimate = run.estimator.evaluate(cond_pass)
+        except (RuntimeError, NotImplementedError) as err:
+            reason = _fallback_reason(run, err, "the conditional pass")
+        else:
             if run.fallback is None:
                 run.record.estimator = run.estimator.label
             return outputs, estimate
-        except torch.OutOfMemoryError:
-            comfy.model_management.soft_empty_cache()
-            reason = "not enough memory for the backward pass"
-        except (RuntimeError, NotImplementedError) as err:
-            reason = known_autograd_failure(err)
-            if reason is None or run.estimator.kind is Estimator.GRADIENT_FREE:
-                raise RuntimeError(
-                    f"REGGuidance ({run.estimator.kind.value}): the conditional pass failed: {err}"
-                ) from err
+        comfy.model_management.soft_empty_cache()  # after the except block: the failed graph is gone
         run.fall_back(reason)
         return run.estimator.evaluate(cond_pass)
+
+
+def _step_mask(run: REGRun, mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The step's denoise mask for M (one for the batch or one per sample); any other batch is left out, said once."""
+    if mask is None or mask.shape[0] in (1, x.shape[0]):
+        return mask
+    run.say_once(
+        "mask-batch",
+        "REG: the denoise mask holds %d masks for a batch of %d; M is computed without the mask.",
+        mask.shape[0],
+        x.shape[0],
+    )
+    return None
+
+
+def _latent_key(samples: torch.Tensor) -> str:
+    """The key of a sampler's output as the sampler nodes hand it on: in ComfyUI's intermediate dtype (float16 with
+    ``--fp16-intermediates``; ComfyUI 0.3.64 keeps float32)."""
+    intermediate = getattr(comfy.model_management, "intermediate_dtype", None)
+    return diagnostics.latent_key(samples, torch.float32 if intermediate is None else intermediate())
+
+
+def _fallback_reason(run: REGRun, err: RuntimeError | NotImplementedError, what: str) -> str:
+    """Why the run may fall back to gradient-free after ``err`` in ``what``; any other failure is raised (out of
+    memory as it is, so ComfyUI reports it as such; a failure of the gradient-free estimator itself too)."""
+    gradient_free = run.estimator.kind is Estimator.GRADIENT_FREE
+    if isinstance(err, torch.OutOfMemoryError):
+        if gradient_free:
+            raise err
+        return "not enough memory for the backward pass"
+    reason = None if gradient_free else known_autograd_failure(err)
+    if reason is None:
+        raise RuntimeError(f"REGGuidance ({run.estimator.kind.value}): {what} failed: {err}") from err
+    return reason
 
 
 def _mask_recorder(run: REGRun, previous: Any) -> Any:

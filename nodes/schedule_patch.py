@@ -105,12 +105,12 @@ class SchedulePatch:
         steps = [float(v) for v in sample_sigmas] if sample_sigmas is not None else [float(timestep.max())]
         space = model_space(guider.model_patcher.get_model_object("model_sampling")) or rectify.VE
         apg = Composition.of(model_options).cond_anchored
-        guider.cfg = self.cfg_at(float(base), float(timestep.max()), steps, space, cond_anchored=apg)
-        if apg and guider.cfg == 0:  # no guidance: the positive prediction alone (APG would divide by its scale)
-            model_options, guider.cfg = without_cond_anchored(model_options), 1.0
-        elif apg:  # APG at scale 1 still needs the negative pass ComfyUI skips at cfg 1
-            model_options = {**model_options, "disable_cfg1_optimization": True}
         try:
+            guider.cfg = self.cfg_at(float(base), float(timestep.max()), steps, space, cond_anchored=apg)
+            if apg and guider.cfg == 0:  # no guidance: the positive prediction alone (APG would divide by its scale)
+                model_options, guider.cfg = without_cond_anchored(model_options), 1.0
+            elif apg:  # APG at scale 1 still needs the negative pass ComfyUI skips at cfg 1
+                model_options = {**model_options, "disable_cfg1_optimization": True}
             return executor(x, timestep, model_options, seed)
         finally:
             guider.cfg = base

@@ -32,7 +32,7 @@ from .clip_score import CATEGORY, CLIP_SCORE_MODEL, ManagedScorer, score
 from .common import ADVANCED, LOGGER_NAME, wrapper_adder
 from .diagnostics import to_image
 from .guidance import apg_pag_inputs, reg_inputs
-from .guidance_hooks import APGPreCfg, pag_post_cfg
+from .guidance_hooks import check_pag_model, install_apg, pag_post_cfg
 from .reg_runtime import REGPatch, REGSettings, remove_reg
 
 log = logging.getLogger(LOGGER_NAME)
@@ -191,6 +191,8 @@ class REGGuidanceSweep(io.ComfyNode):
         **choices,
     ) -> io.NodeOutput:
         plan = SweepPlan.of(cfg_values, truncation, latent_image, choices)  # every input checked before the first run
+        if choices["include_pag_reg"]:
+            check_pag_model(model, "REGGuidanceSweep: include_pag_reg", "Switch include_pag_reg off for this model.")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         prompts = clip_score.split_prompts(score_prompt, int(latent.shape[0]), input_name="score_prompt")
         sampling = Sampling(positive, negative, latent, latent_image, seed, steps, sampler_name, scheduler)
@@ -259,8 +261,7 @@ class SweepPlan:
         """``base.clone()`` patched for ``method`` the way REGGuidance (and ComfyUI's APG/PAG nodes) would patch it."""
         m = base.clone()
         if method == "apg_reg":
-            m.set_model_sampler_pre_cfg_function(APGPreCfg(APG(**self.apg)))  # fresh momentum state for every run
-            m.model_options["disable_cfg1_optimization"] = True  # APG at scale 1 still needs the negative pass
+            install_apg(m.model_options, APG(**self.apg))  # fresh momentum state for every run
         elif method == "pag_reg":
             m.set_model_sampler_post_cfg_function(pag_post_cfg(self.pag_scale))
         if method != "cfg":

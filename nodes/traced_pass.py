@@ -3,7 +3,7 @@
 ComfyUI samples inside ``torch.inference_mode`` with weights that were loaded, patched or cast there, and today's
 models run custom kernels without a backward (``comfy_kitchen`` RoPE, fused norms) and update residual streams in
 place after the tensors were saved for backward. For the one pass whose Jacobian REG needs (``M = a(σ)·∇_x Σ D_c``,
-README, "What REG does"), :class:`TracedPass` switches, and always restores, also on error and interrupt:
+README, "The maths"), :class:`TracedPass` switches, and always restores, also on error and interrupt:
 
 - inference mode off and autograd on (for the input only: weights never require grad meanwhile);
 - the kernels (:func:`plain_kernels`): ComfyUI's own ``comfy.model_management.in_training`` flag, which makes the
@@ -497,7 +497,7 @@ class BlockCheckpointing:
                 unit.forward = functools.partial(self._checkpointed, unit.forward)
             yield
         finally:
-            for unit, forward in previous:
+            for unit, forward in reversed(previous):  # a unit listed twice gets its own forward back
                 if forward is None:
                     unit.__dict__.pop("forward", None)
                 else:

@@ -1,8 +1,9 @@
 """REG on the built-in exact 2-D toy: ``python -m reg_core.demo`` (the README's first Quick-start command).
 
 Prints, per noise level, the mean error of the CFG and REG guidance terms against the exact optimal guidance
-(README, "The exact toy"), then the sliced Wasserstein distance of unguided, CFG-, REG- and optimally guided samples
-to the exact tilted target, and writes a figure (vector fields and samples side by side). No ComfyUI, no downloads.
+(CONTRIBUTING.md, "The exact toy"), then the sliced Wasserstein distance of unguided, CFG-, REG- and optimally
+guided samples to the exact tilted target, and writes a figure (vector fields and samples side by side). No ComfyUI,
+no downloads.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class StepRecord:
 @dataclass
 class RunRecord:
     """What REG did over one sampling run: the REG window (in the sampler's σ), every evaluation's record, why REG
-    did not act where it did not (reason → count), and the key of the run's output latent (:func:`latent_key`)."""
+    did not act where it did not (reason → count)."""
 
     sigma_low: float
     sigma_high: float
@@ -87,7 +87,6 @@ class RunRecord:
     estimator: str
     steps: list[StepRecord] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
-    output_key: str | None = None
 
     def mean_m(self) -> float | None:
         """The mean of M over every evaluation where REG acted with an M (None when there is none)."""
@@ -137,9 +136,10 @@ def check_latent(samples: object, input_name: str) -> None:
         )
 
 
-def latent_key(samples: Tensor) -> str:
-    """A key that identifies a sampler's output latent by its values (device and memory layout do not matter)."""
-    data = samples.detach().to("cpu", torch.float32).contiguous()
+def latent_key(samples: Tensor, dtype: torch.dtype = torch.float32) -> str:
+    """A key that identifies a sampler's output latent by its values once stored in ``dtype`` (the dtype the
+    sampler's node hands the latent on in) and its shape; device and memory layout do not matter."""
+    data = samples.detach().to("cpu", dtype).to(torch.float32).contiguous()
     digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16)
     digest.update(str(tuple(data.shape)).encode())
     return digest.hexdigest()

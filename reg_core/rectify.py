@@ -2,7 +2,7 @@
 
 Rectified Gradient Guidance (Gao et al., ICML 2025, arXiv 2501.18865) multiplies the guidance difference element-wise
 by ``M = 1 − σ_t ∇_{x_t} Σ ε_c`` (paper, ε-form, DDPM space). Written for a denoiser ``D(x, σ)`` in the sampler's own
-space (ComfyUI's ``input``; README, "What REG does") the same factor is
+space (ComfyUI's ``input``; README, "The maths") the same factor is
 
     M = a(σ) · ∇_x Σ_i D_c,i(x, σ)          a = 1 (VE-space: EPS, V, EDM, X0),   a = 1 − σ (CONST / flow)
 
@@ -64,7 +64,7 @@ class Space:
 
     VE (``flow=False``: EPS, V, EDM, X0, Cosmos): ``x = x0 + σε``. Flow (``flow=True``: ComfyUI's CONST):
     ``x = (1−σ)x0 + sσε`` with the model's ``noise_scale`` ``s`` (1 for nearly every model); its VE state is
-    ``x/(1−σ) = x0 + sσ/(1−σ)·ε``, so ``∇_{x_VE} = (1−σ)∇_x`` (README, "What REG does").
+    ``x/(1−σ) = x0 + sσ/(1−σ)·ε``, so ``∇_{x_VE} = (1−σ)∇_x`` (README, "The maths").
     """
 
     flow: bool = False
@@ -95,7 +95,7 @@ FLOW = Space(flow=True)
 
 
 def column_sums(d_c: Tensor, x: Tensor, weight: Tensor | None = None) -> Tensor:
-    """``Jᵀ𝟙 = ∇_x Σ_i D_c,i(x)``: one vector-Jacobian product with the all-ones vector (README, "What REG does").
+    """``Jᵀ𝟙 = ∇_x Σ_i D_c,i(x)``: one vector-Jacobian product with the all-ones vector (README, "The maths").
 
     With ``weight`` (a denoise mask ``w`` shaped like ``d_c``) the weighted sums ``Jᵀw = ∇_x Σ_i w_i·D_c,i``.
     ``d_c`` must have been computed from ``x`` (which requires grad) with autograd enabled.
@@ -124,7 +124,7 @@ def denoise_with_graph(denoise: Denoiser, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def reg_factor_vjp(denoise: Denoiser, x: Tensor, sigma: Tensor | float, *, space: Space = VE) -> tuple[Tensor, Tensor]:
-    """``(D_c, M)`` with ``M = a(σ)·∇_x Σ D_c(x)`` computed exactly by one VJP (README, "What REG does").
+    """``(D_c, M)`` with ``M = a(σ)·∇_x Σ D_c(x)`` computed exactly by one VJP (README, "The maths").
 
     Returns detached tensors; the graph is freed before returning.
     """
@@ -151,7 +151,7 @@ def reg_factor_fd(
 ) -> tuple[Tensor, Tensor]:
     """``(D_c, M)`` with ``M ≈ a(σ)·J𝟙`` from one forward difference ``(D_c(x + h𝟙) − D_c(x)) / h``.
 
-    Gradient-free (README, "Gradient-free vs exact, and `refresh_every`"): no autograd graph, so it works inside
+    Gradient-free (README, "The maths"): no autograd graph, so it works inside
     ``torch.inference_mode`` and with weights that cannot be differentiated. It equals the VJP estimator ``a·Jᵀ𝟙``
     whenever the Jacobian is symmetric, which holds for the exact denoiser (second-order Tweedie:
     ``J = Cov[x0|x]/σ²``), up to the O(h) difference error.
@@ -180,7 +180,7 @@ def is_fresh_evaluation(evaluation: int, refresh_every: int) -> bool:
 
 
 def blend_factor(m: Tensor, strength: float) -> Tensor:
-    """Strength blend ``M_λ = 1 + λ(M − 1)`` (README, "What REG does"): λ = 0 is plain guidance, 1 is REG, > 1
+    """Strength blend ``M_λ = 1 + λ(M − 1)`` (README, "The maths"): λ = 0 is plain guidance, 1 is REG, > 1
     extrapolates."""
     if strength == 1:
         return m
@@ -188,7 +188,7 @@ def blend_factor(m: Tensor, strength: float) -> Tensor:
 
 
 def rectify(d_c: Tensor, d_guided: Tensor, m: Tensor, strength: float = 1.0) -> Tensor:
-    """REG in denoised space: ``D_c + M_λ ⊙ (D_guided − D_c)`` (README, "What REG does", with the strength blend).
+    """REG in denoised space: ``D_c + M_λ ⊙ (D_guided − D_c)`` (README, "The maths", with the strength blend).
 
     ``strength == 0`` returns ``d_guided`` itself, bit for bit.
     """

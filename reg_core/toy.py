@@ -121,7 +121,7 @@ def make_toy_2d(dtype: torch.dtype = torch.float64) -> ConditionalToy:
     """The built-in 2-D toy: three classes of two Gaussians each, class 0 is the condition, classes overlap.
 
     Overlap matters: with separated classes ``R_0`` is constant on the condition's support and the optimal
-    guidance vanishes (README, "The exact toy").
+    guidance vanishes (CONTRIBUTING.md, "The exact toy").
     """
 
     def cov(a: float, b: float, rho: float) -> list[list[float]]:
@@ -196,7 +196,7 @@ def log_expected_reward(toy: ConditionalToy, x: Tensor, sigma: float, w: float, 
 def optimal_denoiser(toy: ConditionalToy, x: Tensor, sigma: float, w: float, order: int = 16) -> Tensor:
     """The optimally guided denoiser ``D_c + σ²∇_x log E_σ(x)``.
 
-    It is the posterior mean under the tilted joint (Gao et al. 2025; README, "The exact toy").
+    It is the posterior mean under the tilted joint (Gao et al. 2025; CONTRIBUTING.md, "The exact toy").
     """
     leaf = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():

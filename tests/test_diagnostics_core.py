@@ -94,6 +94,15 @@ def test_latent_key_identifies_values_and_shape_not_device_or_layout() -> None:
     assert diagnostics.latent_key(x) != diagnostics.latent_key(y)
 
 
+def test_latent_key_in_a_storage_dtype_matches_the_stored_latent() -> None:
+    """A sampler node may hand its float32 output on in float16 (ComfyUI's --fp16-intermediates): keyed in that
+    dtype, the output and the stored latent are the same run; keyed in float32 they are not."""
+    x = torch.linspace(-3, 3, 24, dtype=torch.float32).reshape(1, 2, 3, 4) / 7
+    stored = x.half()
+    assert diagnostics.latent_key(x, torch.float16) == diagnostics.latent_key(stored, torch.float16)
+    assert diagnostics.latent_key(x) != diagnostics.latent_key(stored)
+
+
 def test_latents_are_checked_by_rank_and_nested_ones_refused() -> None:
     diagnostics.check_latent(torch.zeros(1, 4, 8, 8), "latent")
     diagnostics.check_latent(torch.zeros(1, 16, 2, 8, 8), "latent")

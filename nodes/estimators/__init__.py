@@ -2,7 +2,7 @@
 
 An estimator runs the step's main ``calc_cond_batch`` call (:class:`nodes.passes.CondPass`) and returns what the
 sampler asked for (the prediction of every branch) together with an :class:`Estimate`, which turns the step's final
-guided prediction into REG's, ``D_c + M ⊙ (D_guided − D_c)`` (README, "What REG does"):
+guided prediction into REG's, ``D_c + M ⊙ (D_guided − D_c)`` (README, "The maths"):
 
 - ``vjp`` and ``vjp-low-memory``: :mod:`.vjp` (exact: one vector-Jacobian product through the positive branch);
 - ``gradient-free``: :mod:`.gradient_free` (a forward difference, no graph);

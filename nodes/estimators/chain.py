@@ -1,7 +1,8 @@
 """The ``chain`` estimator (an ablation the paper does not evaluate): the full chain rule instead of M.
 
 ``D_REG = D_c + a(σ)·Jᵀ(D_guided − D_c)``: the graph of the positive pass is held until the step's guided prediction
-is known, then one backward with that difference replaces the element-wise product with the column sums.
+is known, then one backward with that difference gives ``Jᵀ(D_guided − D_c)`` itself, where the paper multiplies the
+difference element-wise by the column sums ``Jᵀ𝟙``.
 """
 
 from __future__ import annotations

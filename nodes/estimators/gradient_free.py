@@ -4,7 +4,7 @@ The sampler's own call runs as it is (every branch, as without REG); the probe i
 ``x + h`` with its own label (nodes/passes.py), so label-keyed patches and ControlNets see what they would see at
 that input. ``h`` follows the model's compute dtype and σ (:meth:`nodes.passes.CondPass.fd_step`). Exact for an
 ideal denoiser, whose Jacobian is symmetric (``J𝟙 = Jᵀ𝟙``); approximate for a learned network
-(README, "Gradient-free vs exact, and `refresh_every`").
+(README, "The maths").
 """
 
 from __future__ import annotations
@@ -28,12 +28,8 @@ class GradientFree:
 
     def evaluate(self, cond_pass: CondPass) -> tuple[list[torch.Tensor], FactorEstimate]:
         outputs = cond_pass.main()
-        # with a patch that guides inside the batch (NAG) the batch's positive is already guided
-        d_c = cond_pass.positive_only() if cond_pass.cobatch else outputs[cond_pass.positive]
+        d_c = cond_pass.d_c(outputs)
         h = cond_pass.fd_step()
         weight = cond_pass.weight()  # with a denoise mask the sampler's x + h𝟙 reaches the model as x + h·w
-        if weight is None:
-            shifted = cond_pass.positive_only(cond_pass.x + h)
-            return outputs, FactorEstimate(d_c, rectify.fd_factor(d_c, shifted, h, cond_pass.factor))
-        shifted = cond_pass.positive_only(cond_pass.x + h * weight)
-        return outputs, FactorEstimate(d_c, weight * rectify.fd_factor(d_c, shifted, h, cond_pass.factor))
+        shifted = cond_pass.positive_only(cond_pass.x + (h if weight is None else h * weight))
+        return outputs, FactorEstimate(d_c, cond_pass.weighted(rectify.fd_factor(d_c, shifted, h, cond_pass.factor)))

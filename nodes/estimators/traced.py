@@ -63,7 +63,8 @@ class Traced:
     """The differentiated forward shared by the exact estimators (weights made differentiable once per run).
 
     ``copy``: whether the saved-tensor guard keeps private copies (see :class:`nodes.traced_pass.SavedTensorGuard`);
-    it starts off and is switched on for the rest of the run the first time the network overwrites a saved tensor.
+    it starts off (chain: on from the start) and is switched on for the rest of the run the first time the network
+    overwrites a saved tensor.
     """
 
     copy: bool = False

@@ -53,9 +53,7 @@ class ExactVJP:
         if not self.audited:
             self.audited = True
             audit(cond_pass, sums)
-        weight = cond_pass.weight()
-        m = sums * cond_pass.factor if weight is None else weight * sums * cond_pass.factor
-        return cond_pass.branches(d_c), FactorEstimate(d_c, m)
+        return cond_pass.branches(d_c), FactorEstimate(d_c, cond_pass.weighted(sums * cond_pass.factor))
 
     def _column_sums(self, cond_pass: CondPass) -> tuple[torch.Tensor, torch.Tensor]:
         if self.low_memory or self.bounded:
@@ -67,6 +65,9 @@ class ExactVJP:
             )
         except GraphTooLargeError as err:
             reason = str(err)
+        except torch.OutOfMemoryError:  # the budget is an estimate: the device can still run out
+            reason = "the device ran out of memory during it"
+        comfy.model_management.soft_empty_cache()  # the failed pass's graph is gone once its traceback is
         log.warning(
             "REG: the exact vjp graph would not fit in free memory (%s); using the memory-bounded exact estimator "
             "(vjp-low-memory: same M, one more forward per step) for this run.",

@@ -344,6 +344,23 @@ def test_interrupt_between_runs_stops_the_sweep(tiny, clip_models, reg_pack):
     assert len(started) == 1  # the second run never started
 
 
+def test_pag_on_a_dit_never_starts_sampling(tiny, clip_models, reg_pack):
+    """PAG + REG perturbs a UNet's middle block: on an MMDiT the sweep names the input before its first run."""
+    import nodes
+
+    started = []
+
+    def count(executor, *args, **kwargs):
+        started.append(True)
+        return executor(*args, **kwargs)
+
+    dit = nodes.UNETLoader().load_unet(tiny.sd3_unet, "default")[0]
+    inputs = _with_outer_sample({**_direct_inputs(tiny, clip_models), "model": dit, "include_pag_reg": True}, count)
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"include_pag_reg: PAG .* \(SD3\) does not have"):
+        nodes.NODE_CLASS_MAPPINGS["REGGuidanceSweep"].execute(**inputs)
+    assert started == []
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
