@@ -262,7 +262,9 @@ class SavedTensorGuard:
             if fresh:
                 self._count(tensor)
                 self._seen[key] = (weakref.ref(tensor), tensor._version, None)
-            return tensor, tensor._version
+            # detached (same storage and version counter): a saved output holding its own grad_fn would be a C++
+            # reference cycle that no collector frees, leaking the graph of any pass that ends without its backward
+            return tensor.detach(), tensor._version
         copy = None if fresh or seen[2] is None else seen[2]()
         if copy is None:
             copy = tensor.detach().clone()

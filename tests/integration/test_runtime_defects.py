@@ -170,6 +170,42 @@ def test_chain_backward_out_of_memory_falls_back_within_the_step(tiny, reg_pack,
     assert not _close(got, _sample(model, positive, negative, steps=3), rel=0.1)
 
 
+def test_plain_vjp_out_of_memory_continues_exact_as_vjp_low_memory(tiny, reg_pack, caplog, monkeypatch):
+    """The free-memory budget is an estimate: when the plain graph's backward still runs out of memory, the run goes
+    on with per-block recomputation (the same M), not with the gradient-free approximation."""
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    rectify = reg_pack.submodule("reg_core.rectify")
+    column_sums, calls = rectify.column_sums, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(True)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return column_sums(*args, **kwargs)
+
+    monkeypatch.setattr(rectify, "column_sums", out_of_memory_once)
+    with caplog.at_level(logging.WARNING):
+        got = _sample(_patched(model), positive, negative, steps=3)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "ran out of memory" in warnings[0] and "vjp-low-memory" in warnings[0], warnings
+    monkeypatch.undo()
+    assert _close(got, _sample(_patched(model, estimator="vjp-low-memory"), positive, negative, steps=3), rel=1e-5)
+
+
+def test_out_of_memory_in_the_gradient_free_estimator_surfaces_as_such(tiny, reg_pack, caplog, monkeypatch):
+    """Gradient-free is the fallback: running out of memory there is ComfyUI's out-of-memory error, not a fallback to
+    itself."""
+    model, positive, negative, _ = load_family(tiny, "sd15")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(reg_pack.submodule("reg_core.rectify"), "fd_factor", out_of_memory)
+    with caplog.at_level(logging.WARNING), pytest.raises(torch.OutOfMemoryError):
+        _sample(_patched(model, estimator="gradient-free"), positive, negative, steps=3)
+    assert not any("gradient-free" in w for w in _warnings(caplog))
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd3"])
 def test_vjp_low_memory_equals_vjp(tiny, reg_pack, caplog, family):
     model, positive, negative, _ = load_family(tiny, family)

@@ -139,6 +139,48 @@ def test_a_tensor_saved_by_several_ops_is_copied_once(reg_pack):
     torch.testing.assert_close(grad, torch.autograd.functional.vjp(lambda t: _three(t, weight), x)[1])
 
 
+@pytest.mark.parametrize("ending", ["dropped", "over budget", "overwritten"])
+def test_a_graph_that_never_finishes_its_backward_is_freed(reg_pack, ending):
+    """A pass whose graph is dropped without a backward (an interrupt), stopped over its budget, or whose backward
+    finds an overwritten tensor, frees every tensor it saved: nothing it saved may hold its own grad_fn (autograd's
+    C++ cycle that Python's collector cannot see, a whole graph lost per failed pass)."""
+    import gc
+    import weakref
+
+    tp = reg_pack.submodule("nodes.traced_pass")
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    guard = tp.SavedTensorGuard([], copy=False, budget=5 * 64 * 8 if ending == "over budget" else None)
+    kept: list[weakref.ref] = []  # what the graph holds: the tensors the guard's pack hook returned
+    pack = guard._pack
+
+    def recording_pack(tensor):
+        packed = pack(tensor)
+        kept.append(weakref.ref(packed[0]))
+        return packed
+
+    guard._pack = recording_pack
+
+    def attempt() -> None:
+        with guard.hooks():
+            h = x
+            for _ in range(8):
+                h = torch.tanh(h) * 2  # tanh saves its output
+        if ending == "overwritten":
+            with torch.no_grad():
+                kept[-1]().add_(1)  # the last tanh output, written before the backward
+            torch.autograd.grad(h.sum(), x)
+
+    expected = {"dropped": None, "over budget": tp.GraphTooLargeError, "overwritten": tp.InPlaceUpdateError}[ending]
+    if expected is None:
+        attempt()
+    else:
+        with pytest.raises(expected):
+            attempt()
+    gc.collect()
+    assert len(kept) == (5 if ending == "over budget" else 8)
+    assert all(ref() is None for ref in kept)
+
+
 def _three(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     h = torch.sin(x)
     return torch.sin(h).sum() + torch.cos(h).sum() + (torch.sin(h) @ weight).sum()
