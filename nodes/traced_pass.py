@@ -231,9 +231,10 @@ class SavedTensorGuard:
     per tensor version and shared by every op that saves it. A model parameter, or a quantised weight (a view of one:
     it shares the layer's quantised data), is always saved as is (copying it would duplicate the weights) and
     version-checked, and a per-layer weight copy is saved as its recipe
-    (:class:`WeightRecasts`). ``saved_bytes`` counts the distinct bytes saved otherwise, in either mode: the size of
-    the graph. With a ``budget`` (bytes), a graph that outgrows it stops the forward with
-    :class:`GraphTooLargeError` before it can exhaust the device's memory.
+    (:class:`WeightRecasts`). ``saved_bytes`` counts the storages the graph keeps alive otherwise, each once (ops save
+    many views of one activation), in either mode: the size of the graph. A counted storage stays alive as long as
+    the graph, so its address is not reused during the pass. With a ``budget`` (bytes), a graph that outgrows it
+    stops the forward with :class:`GraphTooLargeError` before it can exhaust the device's memory.
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor], *, copy: bool, budget: float | None = None) -> None:
@@ -242,10 +243,16 @@ class SavedTensorGuard:
         self.copy = copy
         self.budget = budget
         self._seen: dict[int, tuple[weakref.ref, int, weakref.ref | None]] = {}
+        self._counted: set[int] = set()
         self.saved_bytes = 0
 
     def _count(self, tensor: torch.Tensor) -> None:
-        self.saved_bytes += tensor.numel() * tensor.element_size()
+        storage = _storage(tensor)
+        if storage is None:
+            self.saved_bytes += tensor.numel() * tensor.element_size()
+        elif storage not in self._counted:
+            self._counted.add(storage)
+            self.saved_bytes += tensor.untyped_storage().nbytes()
         if self.budget is not None and self.saved_bytes > self.budget:
             raise GraphTooLargeError(f"the graph outgrew {self.budget / 1e9:.2f} GB")
 
@@ -288,6 +295,7 @@ class SavedTensorGuard:
     def release(self) -> None:
         """Drop the bookkeeping (the graph keeps what it saved, recipes included)."""
         self._seen.clear()
+        self._counted.clear()
         self.recasts.release()
 
 

@@ -181,6 +181,20 @@ def test_a_graph_that_never_finishes_its_backward_is_freed(reg_pack, ending):
     assert all(ref() is None for ref in kept)
 
 
+def test_the_graph_size_counts_each_storage_once(reg_pack):
+    """Ops save views of one activation (reshapes, transposes): the budget counts the memory they keep alive once."""
+    tp = reg_pack.submodule("nodes.traced_pass")
+    x = torch.randn(32, dtype=torch.float64, requires_grad=True)
+    guard = tp.SavedTensorGuard([], copy=False)
+    with guard.hooks():
+        h = torch.sin(x)  # saves x
+        outs = [torch.sin(h.view(4, 8)), torch.cos(h.view(8, 4)), torch.sin(h.view(2, 16).t())]  # three views of h
+    assert guard.saved_bytes == 2 * 32 * 8
+    (grad,) = torch.autograd.grad(sum(o.sum() for o in outs), x)
+    want = torch.cos(x) * (torch.cos(torch.sin(x)) * 2 - torch.sin(torch.sin(x)))
+    torch.testing.assert_close(grad, want)
+
+
 def _three(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     h = torch.sin(x)
     return torch.sin(h).sum() + torch.cos(h).sum() + (torch.sin(h) @ weight).sum()
