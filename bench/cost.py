@@ -514,7 +514,9 @@ def timed(names: list[str], repeats: int, run: Callable[[str, int], float], cuda
 
 
 def child_peaks(args: argparse.Namespace, argv: list[str], key: str, size: int, what: str) -> dict[str, list[int]]:
-    """CPU: each name's peak in its own process (this script with ``--memory-of``), or {} with --no-memory."""
+    """CPU: each name's peak in its own process (this script with ``--memory-of``), or {} with --no-memory. Called
+    before this process runs anything, so each child sees the free memory beside this process's weights alone (what
+    vjp's graph budget is taken from), not what this process's runs left to its allocator."""
     if args.gpu or args.no_memory:
         return {}
     peaks = {}
@@ -561,6 +563,7 @@ def memory_note(args: argparse.Namespace) -> str:
 
 
 def measure_steps(bench: Bench, model: Model, size: int, args: argparse.Namespace, argv: list[str]) -> str:
+    peaks = child_peaks(args, argv, model.key, size, "steps")
     patchers = {name: bench.configured(model, name) for name in args.configs}
     if args.repeats:
         bench.sample(model.patcher, model, size, 1, SEED)  # warm-up: weights in place, caches and allocator warm
@@ -568,9 +571,8 @@ def measure_steps(bench: Bench, model: Model, size: int, args: argparse.Namespac
     def run(name: str, index: int) -> float:
         return bench.sample(patchers[name], model, size, args.steps, SEED + index)
 
-    order, seconds, peaks = timed(args.configs, args.repeats, run, bench.cuda)
-    peaks = peaks or child_peaks(args, argv, model.key, size, "steps")
-    rows = cost_rows(args.configs, order, seconds, peaks)
+    order, seconds, gpu_peaks = timed(args.configs, args.repeats, run, bench.cuda)
+    rows = cost_rows(args.configs, order, seconds, gpu_peaks or peaks)
     title = (f"**{model.label}, latent {size}² (image {8 * size}²), batch 1**: s/step over steps 1–{args.steps - 1} of "
              f"{args.steps}, {args.repeats} repeat(s), each run against the CFG runs around it; "
              f"{memory_note(args)}\n\n")  # fmt: skip
@@ -592,9 +594,9 @@ def measure_pass(bench: Bench, model: Model, size: int, args: argparse.Namespace
 
         return timed(args.modes, args.repeats, run, bench.cuda)
 
-    order, seconds, peaks = bench.in_step(model, size, rounds) if args.repeats else ([], [], {})
-    peaks = peaks or child_peaks(args, argv, model.key, size, "pass")
-    rows = cost_rows(args.modes, order, seconds, peaks)
+    peaks = child_peaks(args, argv, model.key, size, "pass")
+    order, seconds, gpu_peaks = bench.in_step(model, size, rounds) if args.repeats else ([], [], {})
+    rows = cost_rows(args.modes, order, seconds, gpu_peaks or peaks)
     exact = next((m for m in args.modes if m != "cfg"), None)
     for row in rows:
         same = row[0] in ("cfg", exact) or exact not in maps

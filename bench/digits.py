@@ -25,7 +25,6 @@ the functions.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import json
 import logging
@@ -262,24 +261,12 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One builder at a time per folder (several test sessions or benchmarks may start together)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_trained(recipe: Recipe) -> Path:
     """Train and save the network of ``recipe`` unless its cache folder holds it already; returns the folder."""
     import safetensors.torch
 
     folder = cache_dir(recipe)
-    with _locked(folder):
+    with locate.locked(folder):
         manifest = folder / "manifest.json"
         if manifest.is_file():
             return folder

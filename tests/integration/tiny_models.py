@@ -19,17 +19,16 @@ checkpoints; ComfyUI casts them to its inference dtype when loading.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import locate
 import torch
 
 log = logging.getLogger(__name__)
@@ -230,24 +229,12 @@ def _manifest_ok(root: Path) -> bool:
     return all((root / rel).is_file() and (root / rel).stat().st_size == sizes.get(rel) for rel in expected_files())
 
 
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Serialise builds of one cache directory across concurrent test sessions."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_models(root: Path) -> float:
     """Build the tiny models under ``root`` unless a complete cache of this recipe exists.
 
     Returns the build time in seconds (0.0 when the cache was reused).
     """
-    with _locked(root):
+    with locate.locked(root):
         if _manifest_ok(root):
             return 0.0
         start = time.perf_counter()
@@ -281,7 +268,7 @@ def ensure_mmdit(root: Path, depth: int) -> str:
     """
     name = f"sd3_mmdit_depth{depth}.safetensors"
     path = root / "diffusion_models" / name
-    with _locked(root):
+    with locate.locked(root):
         if not path.is_file():
             state = sd3_mmdit(depth)
             _check_detection(state, "", "SD3")
