@@ -11,10 +11,9 @@ single-slot hook, so the result does not depend on node order:
   ``D_c + M_λ ⊙ (D_guided − D_c)`` from the step's estimate; post-cfg functions that are not guidance
   (nodes/composition.py) are held back while the chain runs and applied to REG's result;
 - ``CALC_COND_BATCH``: the first call of a step that holds the positive branch (with context windows: the first
-  call) is the main pass. There, when this
-  step's cfg, conds and hooks are known, :meth:`REGRun.decide` decides whether REG acts, and the run's estimator
-  runs the call (nodes/estimators/). Later calls (PAG/SAG/SLG extra passes) are never differentiated; when the step
-  is exact they use the differentiated pass's kernels.
+  call) is the main pass. There, when this step's cfg, conds and hooks are known, :meth:`REGRun.decide` decides
+  whether REG acts, and the run's estimator runs the call (nodes/estimators/). Later calls (PAG/SAG/SLG extra
+  passes) are never differentiated; when the step is exact they use the differentiated pass's kernels.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class ExactVJP:
             reason = str(err)
         except torch.OutOfMemoryError:  # the budget is an estimate: the device can still run out
             reason = "the device ran out of memory during it"
-        comfy.model_management.soft_empty_cache()  # the failed pass's graph is gone once its traceback is
+        comfy.model_management.soft_empty_cache()  # after the except block, the failed pass's graph is freed
         log.warning(
             "REG: the exact vjp graph would not fit in free memory (%s); using the memory-bounded exact estimator "
             "(vjp-low-memory: same M, one more forward per step) for this run.",
