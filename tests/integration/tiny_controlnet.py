@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import locate
 import tiny_models
 import torch
 
@@ -101,7 +102,7 @@ def _cache_ok(root: Path) -> bool:
 
 def ensure_controlnet(root: Path) -> float:
     """Build the ControlNet under ``root/controlnet`` unless this recipe's file exists; return the build seconds."""
-    with tiny_models._locked(root):
+    with locate.locked(root):
         if _cache_ok(root):
             return 0.0
         start = time.perf_counter()
