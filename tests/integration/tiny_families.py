@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tiny_models import _meta, checked_load, comfyui_version, randomise
+from tiny_models import TINY_DIT, _meta, checked_load, comfyui_version, randomise
 
 Conditioning = Callable[[torch.Generator, tuple[int, ...]], tuple[torch.Tensor, dict]]
 
@@ -131,13 +131,7 @@ def _chroma() -> dict:
         "image_model": "chroma",
         "in_channels": 64,
         "out_channels": 64,
-        "context_in_dim": 64,
-        "hidden_size": 128,
-        "mlp_ratio": 4.0,
-        "num_heads": 1,
-        "depth": 1,
-        "depth_single_blocks": 1,
-        "axes_dim": [16, 56, 56],
+        **TINY_DIT,
         "theta": 10000,
         "patch_size": 2,
         "qkv_bias": True,
@@ -273,14 +267,8 @@ def _hunyuan_video(**overrides) -> dict:
         "patch_size": [1, 2, 2],
         "out_channels": 16,
         "vec_in_dim": None,
-        "axes_dim": [16, 56, 56],
         "meanflow": False,
-        "context_in_dim": 64,
-        "hidden_size": 128,
-        "mlp_ratio": 4.0,
-        "num_heads": 1,
-        "depth": 1,
-        "depth_single_blocks": 1,
+        **TINY_DIT,
         "theta": 256,
         "qkv_bias": True,
         "byt5": False,

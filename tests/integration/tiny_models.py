@@ -312,18 +312,24 @@ def register(root: Path) -> None:
 
 MODERN_SEEDS = {"flux": 7101, "wan": 7202, "qwen": 7303, "sdxl": 7404}
 
-FLUX_CONFIG = {
-    "image_model": "flux",
-    "in_channels": 16,
-    "out_channels": 16,
-    "vec_in_dim": 768,
+# The widths every tiny double/single-stream DiT shares (Flux, Chroma, HunyuanVideo): one block of each kind, one head
+# of width 128 over RoPE axes 16 + 56 + 56 (Flux detection in 0.33 sets heads = hidden / sum(axes_dim) = 1).
+TINY_DIT = {
     "context_in_dim": 64,
-    "hidden_size": 128,  # detection (0.33) sets heads = hidden / sum(axes_dim) = 1
+    "hidden_size": 128,
     "mlp_ratio": 4.0,
     "num_heads": 1,
     "depth": 1,
     "depth_single_blocks": 1,
     "axes_dim": [16, 56, 56],
+}
+
+FLUX_CONFIG = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 768,
+    **TINY_DIT,
     "theta": 10000,
     "patch_size": 2,
     "qkv_bias": True,
