@@ -584,6 +584,11 @@ class TracedPass:
         """Raise :class:`NoGraphError` when the forward lost the gradient anywhere (see :class:`GradientAudit`)."""
         self.audit.check()
 
+    def options(self, model_options: dict) -> dict:
+        """``model_options`` with this pass's attention kernels: plain ones with a backward, and, without per-block
+        recomputation, attention matrices recomputed in the backward rather than saved (:func:`kernel_options`)."""
+        return kernel_options(model_options, recompute_attention=self.checkpointing is None)
+
 
 @contextlib.contextmanager
 def _frozen(parameters: list[torch.Tensor]) -> Iterator[None]:
@@ -645,31 +650,110 @@ def _eager_kitchen() -> Iterator[None]:
             setattr(kitchen, name, original)
 
 
-def _attention_override(previous: Callable | None) -> Callable:
+# ComfyUI's attention kernels written in plain torch that save the attention matrix (heads × tokens × tokens) for
+# their backward; PyTorch's SDPA saves only its inputs, output and log-sum-exp.
+QUADRATIC_KERNELS = ("attention_basic", "attention_sub_quad", "attention_split")
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """One attention call whose backward runs it again: the graph keeps ``q``, ``k`` and ``v`` (through the pass's
+    saved-tensor guard, like any saved tensor), not the attention matrix a quadratic kernel would save.
+
+    The recomputation's own graph lives only inside this backward: its saved tensors bypass the guard (they are not
+    part of the pass's graph and must not count against its budget).
+    """
+
+    @staticmethod
+    def forward(ctx, kernel: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        ctx.kernel = kernel
+        ctx.save_for_backward(q, k, v)
+        return kernel(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        needs = ctx.needs_input_grad[1:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, _unchanged):
+            out = ctx.kernel(*inputs)
+        found = iter(torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad))
+        return (None, *(next(found) if t.requires_grad else None for t in inputs))
+
+
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _recomputing(kernel: Callable) -> Callable:
+    """``kernel`` as :class:`_RecomputedAttention` where it builds a graph through ``q``, ``k``, ``v`` only."""
+
+    @functools.wraps(kernel)
+    def attention(*args: Any, **kwargs: Any) -> Any:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        qkv = args[:3]
+        recompute = (
+            torch.is_grad_enabled()
+            and len(qkv) == 3
+            and all(type(t) is torch.Tensor for t in qkv)
+            and any(t.requires_grad for t in qkv)
+            and not any(t.requires_grad for t in tensors if not any(t is s for s in qkv))
+        )
+        if not recompute:
+            return kernel(*args, **kwargs)
+        rest = args[3:]
+        frozen = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}  # options may change later
+        return _RecomputedAttention.apply(functools.partial(_call_with, kernel, rest, frozen), *qkv)
+
+    return attention
+
+
+def _call_with(kernel: Callable, rest: tuple, kwargs: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    return kernel(q, k, v, *rest, **kwargs)
+
+
+def _attention_override(previous: Callable | None, recompute: bool) -> Callable:
     """An ``optimized_attention_override`` that runs every attention call through a kernel with a backward.
 
     ComfyUI calls it with the kernel it chose at start-up (``func``): basic, sub-quadratic, split and PyTorch's SDPA
     kernels are plain torch and kept; sage, sageattn3, flash, xformers and int8 attention have no (or no exact)
-    backward and are replaced by SDPA with the same arguments. An override already in the options (another pack's)
-    still runs, with the chosen kernel as its ``func``.
+    backward and are replaced by SDPA with the same arguments. With ``recompute``, a kernel of
+    :data:`QUADRATIC_KERNELS` recomputes its attention matrix in the backward instead of saving it
+    (:class:`_RecomputedAttention`). An override already in the options (another pack's) still runs, with the chosen
+    kernel as its ``func``.
     """
     from comfy.ldm.modules import attention
 
     def raw(kernel: Callable) -> Callable:
         return getattr(kernel, "__wrapped__", kernel)
 
-    plain = {raw(k) for k in (attention.attention_basic, attention.attention_sub_quad, attention.attention_split)}
+    quadratic = {raw(getattr(attention, name)) for name in QUADRATIC_KERNELS}
     sdpa = raw(attention.attention_pytorch)
-    plain.add(sdpa)
+    plain = quadratic | {sdpa}
 
     def override(func: Callable, *args: Any, **kwargs: Any) -> Any:
         kernel = func if raw(func) in plain else sdpa
+        if recompute and raw(kernel) in quadratic:
+            kernel = _recomputing(kernel)
         if previous is not None:
             return previous(kernel, *args, **kwargs)
         return kernel(*args, **kwargs)
 
     override.reg_plain_kernels = True
+    override.reg_recompute = recompute
+    override.reg_previous = previous
     return override
+
+
+def kernel_options(model_options: dict, *, recompute_attention: bool = False) -> dict:
+    """``model_options`` whose attention runs a kernel with a backward (:func:`_attention_override`); options that
+    already carry REG's override keep it when it recomputes as asked, else get it replaced."""
+    transformer_options = model_options.get("transformer_options", {})
+    previous = transformer_options.get("optimized_attention_override")
+    if getattr(previous, "reg_plain_kernels", False):
+        if previous.reg_recompute == recompute_attention:
+            return model_options
+        previous = previous.reg_previous
+    override = _attention_override(previous, recompute_attention)
+    return {**model_options, "transformer_options": {**transformer_options, "optimized_attention_override": override}}
 
 
 @contextlib.contextmanager
@@ -677,14 +761,9 @@ def plain_kernels(model_options: dict) -> Iterator[dict]:
     """``model_options`` whose attention runs a kernel with a backward, with ComfyUI's ``in_training`` on meanwhile.
 
     Used for the differentiated pass and, so that every prediction of the step comes from the same numeric path, for
-    the step's other passes. Options that already carry this override are passed through unchanged.
+    the step's other passes. Options that already carry REG's override are passed through unchanged.
     """
-    transformer_options = model_options.get("transformer_options", {})
-    previous = transformer_options.get("optimized_attention_override")
-    if getattr(previous, "reg_plain_kernels", False):
-        options = model_options
-    else:
-        kernels = {**transformer_options, "optimized_attention_override": _attention_override(previous)}
-        options = {**model_options, "transformer_options": kernels}
+    previous = model_options.get("transformer_options", {}).get("optimized_attention_override")
+    options = model_options if getattr(previous, "reg_plain_kernels", False) else kernel_options(model_options)
     with _in_training():
         yield options

@@ -99,7 +99,7 @@ class Traced:
     def forward(cond_pass: CondPass, traced: TracedPass) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D_c with graph, leaf x)`` for the positive branch; call inside ``traced``."""
         leaf = cond_pass.x.detach().clone().requires_grad_(True)
-        d_c = cond_pass.traced(traced_options(cond_pass.model_options)).positive_only(leaf)
+        d_c = cond_pass.traced(traced.options(traced_options(cond_pass.model_options))).positive_only(leaf)
         if not d_c.requires_grad:
             raise NoGraphError("the conditional prediction carries no gradient")
         traced.check()

@@ -1,0 +1,65 @@
+"""Plain ``vjp`` keeps no attention matrix: ComfyUI's plain-torch attention kernels run again in the backward.
+
+On a CPU (and wherever ComfyUI does not pick PyTorch's SDPA) attention runs through the basic, split or
+sub-quadratic kernel, whose autograd graph saves the (batch·heads × tokens × tokens) attention matrix of every call.
+The differentiated pass saves ``q``, ``k`` and ``v`` instead and recomputes the matrix in the backward. Each test
+checks that REG's step still equals the reference (plain autograd, which saves the matrices), and that no tensor the
+graph saves has an attention matrix's shape, with a positive control: the same spy sees them when the recomputation
+is switched off. The attention calls are seen through an ``optimized_attention_override`` of the test's own, which REG
+must keep running (as it keeps another pack's).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_compatibility import Case, ReferenceREG, load_family, reg_lines, sample, with_reg
+from test_weight_casts import saved_shapes
+
+
+def matrix_shape(q: torch.Tensor, k: torch.Tensor, heads: int, skip_reshape: bool) -> tuple[int, int, int]:
+    """The attention matrix of one call: (batch·heads, query tokens, key tokens)."""
+    if skip_reshape:  # (batch, heads, tokens, head width)
+        return (q.shape[0] * q.shape[1], q.shape[2], k.shape[2])
+    return (q.shape[0] * heads, q.shape[1], k.shape[1])
+
+
+def spied(model, matrices: set[tuple[int, int, int]]):
+    """``model`` with an attention override that notes each call's attention matrix shape and runs the kernel."""
+
+    def spy(func, q, k, v, heads, *args, **kwargs):
+        matrices.add(matrix_shape(q, k, heads, kwargs.get("skip_reshape", False)))
+        return func(q, k, v, heads, *args, **kwargs)
+
+    patched = model.clone()
+    options = patched.model_options.get("transformer_options", {})
+    patched.model_options = {
+        **patched.model_options,
+        "transformer_options": {**options, "optimized_attention_override": spy},
+    }
+    return patched
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_attention_matrices_are_recomputed_not_saved(tiny, reg_pack, caplog, monkeypatch, family):
+    from comfy.ldm.modules import attention
+
+    assert attention.optimized_attention.__name__ == "attention_sub_quad"  # ComfyUI's choice on a CPU
+    model, positive, negative, _ = load_family(tiny, family)
+    case = Case(family=family)
+    matrices: set[tuple[int, int, int]] = set()
+    seen = saved_shapes(reg_pack, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="reg_guidance"):
+        got = sample(case, with_reg(spied(model, matrices)), positive, negative)
+    assert reg_lines(caplog) == []
+    assert matrices and seen and not set(seen) & matrices
+    want = sample(case, model.clone(), positive, negative, ReferenceREG())
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+    traced_pass = reg_pack.submodule("nodes.traced_pass")
+    monkeypatch.setattr(traced_pass, "_recomputing", lambda kernel: kernel)  # positive control: the matrices saved
+    seen.clear()
+    sample(case, with_reg(spied(model, matrices)), positive, negative)
+    assert set(seen) & matrices
