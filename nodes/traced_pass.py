@@ -9,7 +9,9 @@ README, "The maths"), :class:`TracedPass` switches, and always restores, also on
 - the kernels (:func:`plain_kernels`): ComfyUI's own ``comfy.model_management.in_training`` flag, which makes the
   models take their plain-torch code paths (the custom kernels have no autograd formula), and attention through a
   kernel with a backward (``optimized_attention_override``: sage, flash and int8 attention have none). The other
-  passes of the step use the same kernels, so ``D_c`` and ``D_u`` come from one numeric path;
+  passes of the step use the same kernels, so ``D_c`` and ``D_u`` come from one numeric path. In the plain graph,
+  ComfyUI's plain-torch kernels (basic, split, sub-quadratic: its choice on a CPU) recompute their attention matrix in
+  the backward instead of saving one per call (:class:`_RecomputedAttention`);
 - a saved-tensor guard (:class:`SavedTensorGuard`) that notices tensors overwritten before the backward read them
   (in-place updates, reused cast buffers) and, for networks that do that, gives autograd private copies; a weight
   that ComfyUI casts, dequantises or streams in for one layer is not kept at all: the graph keeps how to cast it
@@ -688,18 +690,17 @@ def _recomputing(kernel: Callable) -> Callable:
 
     @functools.wraps(kernel)
     def attention(*args: Any, **kwargs: Any) -> Any:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        qkv = args[:3]
+        qkv, rest = args[:3], args[3:]
+        others = [a for a in (*rest, *kwargs.values()) if isinstance(a, torch.Tensor)]  # a mask, …
         recompute = (
             torch.is_grad_enabled()
             and len(qkv) == 3
             and all(type(t) is torch.Tensor for t in qkv)
             and any(t.requires_grad for t in qkv)
-            and not any(t.requires_grad for t in tensors if not any(t is s for s in qkv))
+            and not any(t.requires_grad for t in others)
         )
         if not recompute:
             return kernel(*args, **kwargs)
-        rest = args[3:]
         frozen = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}  # options may change later
         return _RecomputedAttention.apply(functools.partial(_call_with, kernel, rest, frozen), *qkv)
 
