@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import comfy.model_patcher
 from comfy.patcher_extension import WrappersMP
 
 from ..reg_core import rectify, schedules
@@ -16,6 +17,7 @@ from .composition import Composition, without_cond_anchored
 log = logging.getLogger(LOGGER_NAME)
 
 SCHEDULE_KEY = "reg_schedule"
+RUN_KEY = "reg_schedule_run"
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class ScheduleSettings:
 
 @dataclass
 class ScheduleRun:
-    """Per-sampling-run state of a :class:`SchedulePatch` (created by its OUTER_SAMPLE wrapper)."""
+    """Per-sampling-run state of a :class:`SchedulePatch`, made by its OUTER_SAMPLE wrapper and kept in the run's
+    ``model_options["transformer_options"]`` (a nested run gets its own)."""
 
     warned: bool = False
 
@@ -54,7 +57,6 @@ class SchedulePatch:
     def __init__(self, settings: ScheduleSettings) -> None:
         settings.validate()
         self.settings = settings
-        self.run: ScheduleRun | None = None
 
     def install(self, add_wrapper: AddWrapper) -> None:
         add_wrapper(WrappersMP.OUTER_SAMPLE, SCHEDULE_KEY, self.outer_sample)
@@ -84,19 +86,21 @@ class SchedulePatch:
         return offset + w
 
     def outer_sample(self, executor, *args, **kwargs):
-        outer = self.run  # a nested sampling run keeps the outer run's state
-        self.run = ScheduleRun()
+        guider = executor.class_obj
+        original = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+        guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = ScheduleRun()
         try:
             return executor(*args, **kwargs)
         finally:
-            self.run = outer
+            guider.model_options = original
 
     def predict_noise(self, executor, x, timestep, model_options, seed):
         guider = executor.class_obj
         base = getattr(guider, "cfg", None)
         # DualCFGGuider inherits CFGGuider's ``cfg`` but guides with its own ``cfg1``/``cfg2``
         if not isinstance(base, (int, float)) or hasattr(guider, "cfg1"):
-            run = self.run if self.run is not None else ScheduleRun()
+            run = model_options.get("transformer_options", {}).get(RUN_KEY) or ScheduleRun()
             if not run.warned:
                 log.warning("REG schedule: %s has no single cfg scale; the schedule is ignored.", type(guider).__name__)
                 run.warned = True
