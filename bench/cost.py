@@ -24,11 +24,12 @@ import json
 import logging
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ MEASURES = ("steps", "pass", "precision", "exact")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLUX_FULL = (19, 38)
 WARM_UP_SIZE = 8  # latent size of the memory processes' warm-up
+# glibc told to keep what a process frees (README, "What it costs", on a CPU): no heap trimming, no mmap per block
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def sd15(real: bool, _depth: tuple[int, int]) -> dict:
@@ -140,6 +143,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="steps per run, step 0 untimed (default 5; --real on the CPU: 3)")
     p.add_argument("--repeats", type=int, help="bracketed repeats (default 3; --real: CPU 1, GPU 2; 0: memory only)")
     p.add_argument("--no-memory", action="store_true", help="CPU: skip the peak-memory processes")
+    p.add_argument("--keep-freed-memory", action="store_true", help="CPU: time with glibc keeping freed memory "
+                   "(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, help="weights (default ComfyUI's; --real on the CPU: sd15 float32, "
                    "others bfloat16)")  # fmt: skip
     p.add_argument("--flux-depth", nargs=2, type=int, metavar=("DOUBLE", "SINGLE"), help="--real flux blocks "
@@ -165,7 +170,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 f"({sorted(set(every))}) so each configuration times its exact fresh/reused mix")  # fmt: skip
     if args.repeats < (1 if args.gpu or args.no_memory else 0):
         p.error(f"--repeats {args.repeats}: nothing would be measured")
+    if args.keep_freed_memory and args.gpu:
+        p.error("--keep-freed-memory: glibc's heap holds CPU memory only (the GPU's allocator keeps its own)")
     return args
+
+
+def allocator_env(keep: bool, env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with glibc keeping freed memory (``keep``, ``--keep-freed-memory``) or left to its defaults."""
+    base = {k: v for k, v in env.items() if k not in KEEP_FREED_MEMORY}
+    return {**base, **KEEP_FREED_MEMORY} if keep else base
+
+
+def allocator_note(env: Mapping[str, str]) -> str:
+    """How glibc's allocator was told to behave in ``env``, for the report's header."""
+    kept = [f"{k}={env[k]}" for k in KEEP_FREED_MEMORY if k in env]
+    return f"glibc keeps freed memory ({', '.join(kept)})" if kept else "glibc's allocator defaults"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -180,18 +199,22 @@ def weight_dtype(args: argparse.Namespace, key: str) -> torch.dtype | None:
     return None  # ComfyUI's choice for the device
 
 
-def under_comfyui(argv: list[str]) -> Path:
-    """ComfyUI's tree (tests/integration/locate.py finds it); re-executes this script under its interpreter first."""
+def under_comfyui(args: argparse.Namespace, argv: list[str]) -> Path:
+    """ComfyUI's tree (tests/integration/locate.py finds it); re-executes this script under its interpreter first, and
+    again where the allocator's environment (:func:`allocator_env`) is not yet this process's."""
     comfyui, reason = locate.find_comfyui()
     if comfyui is None:
         raise SystemExit(f"no ComfyUI found ({reason}); set COMFYUI_PATH")
     python, reason = locate.find_interpreter(comfyui)
-    if os.environ.get(UNDER_COMFYUI) == "1" or (python and Path(sys.executable) == Path(python)):
+    under = os.environ.get(UNDER_COMFYUI) == "1" or (python and Path(sys.executable) == Path(python))
+    env = dict(os.environ) if args.memory_of else allocator_env(args.keep_freed_memory, os.environ)
+    if under and env == dict(os.environ):
         return comfyui
     if python is None:
         raise SystemExit(f"no interpreter for ComfyUI at {comfyui} ({reason}); set COMFYUI_PYTHON")
+    python = sys.executable if under else python
     sys.stdout.flush()
-    os.execve(python, [python, __file__, *argv], {**os.environ, UNDER_COMFYUI: "1"})
+    os.execve(python, [python, __file__, *argv], {**env, UNDER_COMFYUI: "1"})
 
 
 @dataclass
@@ -276,7 +299,7 @@ class Bench:
         else:
             with open("/proc/cpuinfo") as info:
                 name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "")
-            where = f"CPU {name or platform.machine()}, {os.cpu_count()} cores"
+            where = f"CPU {name or platform.machine()}, {os.cpu_count()} cores, {allocator_note(os.environ)}"
         threads = torch.get_num_threads()
         return f"{where}; torch {torch.__version__}, {threads} threads; ComfyUI {self.version}, {self.memory_mode}"
 
@@ -506,11 +529,19 @@ def timed(names: list[str], repeats: int, run: Callable[[str, int], float], cuda
     for i, name in enumerate(order):
         if memory:
             memory.start()
+        faults = minor_faults()
         seconds.append(run(name, i))
+        faults = minor_faults() - faults
         if memory:
             peaks.setdefault(name, []).append(memory.extra())
-        log.info("run %d/%d %s: %.3f s", i + 1, len(order), name, seconds[-1])
+        log.info("run %d/%d %s: %.3f s, %d minor page faults", i + 1, len(order), name, seconds[-1], faults)
     return order, seconds, peaks
+
+
+def minor_faults() -> int:
+    """The pages the kernel has handed this process so far: each is a fresh, zeroed page, the cost of a block the
+    allocator gave back to the kernel and then needed again."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def child_peaks(args: argparse.Namespace, argv: list[str], key: str, size: int, what: str) -> dict[str, list[int]]:
@@ -526,7 +557,7 @@ def child_peaks(args: argparse.Namespace, argv: list[str], key: str, size: int, 
                "--memory-of", name]  # fmt: skip
         # glibc's dynamic mmap threshold keeps freed memory of the backward's short-lived copies resident (SDXL at
         # 256²: 3.8 GiB above what is live); a fixed threshold hands it back at once, so the peak is what was held
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        env = {**allocator_env(False, os.environ), "MALLOC_MMAP_THRESHOLD_": "131072"}
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode:  # e.g. killed for lack of memory: a result, reported as such
             log.warning("the memory process for %s failed (exit %d): %s", name, done.returncode, done.stderr[-2000:])
@@ -659,7 +690,7 @@ def unload() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    comfyui = under_comfyui(argv)
+    comfyui = under_comfyui(args, argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # ComfyUI logs every model load
     log.setLevel(logging.INFO)
     if args.threads:

@@ -139,12 +139,25 @@ def test_cli_rejects_runs_that_would_skew_the_refresh_mix(cost: ModuleType, caps
         (["--repeats", "0", "--no-memory"], "nothing would be measured"),
         (["--real", "--gpu", "--repeats", "0"], "nothing would be measured"),
         (["--repeat", "2"], "unrecognized arguments"),  # no abbreviations
+        (["--gpu", "--keep-freed-memory"], "glibc's heap holds CPU memory only"),
     ):
         with pytest.raises(SystemExit):
             cost.parse(argv)
         assert message in capsys.readouterr().err
     assert cost.parse(["--steps", "9"]).steps == 9
     assert cost.parse(["--repeats", "0"]).repeats == 0  # memory only
+
+
+def test_keep_freed_memory_sets_glibc_for_the_timed_process_and_the_report_says_so(cost: ModuleType) -> None:
+    shell = {"PATH": "/bin", "MALLOC_TRIM_THRESHOLD_": "1"}  # a stray setting is never what a run measures
+    kept = cost.allocator_env(True, shell)
+    assert kept == {"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+    assert cost.allocator_env(False, kept) == cost.allocator_env(False, shell) == {"PATH": "/bin"}
+    assert cost.allocator_note(kept) == (
+        "glibc keeps freed memory (MALLOC_MMAP_THRESHOLD_=4294967296, MALLOC_TRIM_THRESHOLD_=68719476736)"
+    )
+    assert cost.allocator_note({"PATH": "/bin"}) == "glibc's allocator defaults"
+    assert cost.parse(["--keep-freed-memory"]).keep_freed_memory and not cost.parse([]).keep_freed_memory
 
 
 def test_gpu_check_unzips_only_missing_modules_packed_for_this_python(tmp_path: Path) -> None:
