@@ -539,8 +539,8 @@ def timed(names: list[str], repeats: int, run: Callable[[str, int], float], cuda
 
 
 def minor_faults() -> int:
-    """The pages the kernel has handed this process so far: each is a fresh, zeroed page, the cost of a block the
-    allocator gave back to the kernel and then needed again."""
+    """The pages the kernel has handed this process so far, each fresh and zeroed: memory touched for the first time,
+    or again after the allocator gave it back to the kernel."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
