@@ -172,19 +172,30 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--repeats {args.repeats}: nothing would be measured")
     if args.keep_freed_memory and args.gpu:
         p.error("--keep-freed-memory: glibc's heap holds CPU memory only (the GPU's allocator keeps its own)")
+    if args.keep_freed_memory and not args.no_memory:
+        p.error("--keep-freed-memory times only (add --no-memory): memory freed by one run stays with the process "
+                "and shrinks the free memory a later size's memory process sees")  # fmt: skip
     return args
+
+
+def allocator_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``env`` that set glibc's allocator (``MALLOC_*``, ``GLIBC_TUNABLES``)."""
+    return {k: v for k, v in env.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
 
 
 def allocator_env(keep: bool, env: Mapping[str, str]) -> dict[str, str]:
     """``env`` with glibc keeping freed memory (``keep``, ``--keep-freed-memory``) or left to its defaults."""
-    base = {k: v for k, v in env.items() if k not in KEEP_FREED_MEMORY}
+    base = {k: v for k, v in env.items() if k not in allocator_settings(env)}
     return {**base, **KEEP_FREED_MEMORY} if keep else base
 
 
 def allocator_note(env: Mapping[str, str]) -> str:
     """How glibc's allocator was told to behave in ``env``, for the report's header."""
-    kept = [f"{k}={env[k]}" for k in KEEP_FREED_MEMORY if k in env]
-    return f"glibc keeps freed memory ({', '.join(kept)})" if kept else "glibc's allocator defaults"
+    settings = allocator_settings(env)
+    if not settings:
+        return "glibc's allocator defaults"
+    label = "glibc keeps freed memory" if settings == KEEP_FREED_MEMORY else "glibc's allocator set by"
+    return f"{label} ({', '.join(f'{k}={v}' for k, v in sorted(settings.items()))})"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -210,9 +221,10 @@ def under_comfyui(args: argparse.Namespace, argv: list[str]) -> Path:
     env = dict(os.environ) if args.memory_of else allocator_env(args.keep_freed_memory, os.environ)
     if under and env == dict(os.environ):
         return comfyui
-    if python is None:
+    if under:
+        python = sys.executable
+    elif python is None:
         raise SystemExit(f"no interpreter for ComfyUI at {comfyui} ({reason}); set COMFYUI_PYTHON")
-    python = sys.executable if under else python
     sys.stdout.flush()
     os.execve(python, [python, __file__, *argv], {**env, UNDER_COMFYUI: "1"})
 
@@ -546,8 +558,9 @@ def minor_faults() -> int:
 
 def child_peaks(args: argparse.Namespace, argv: list[str], key: str, size: int, what: str) -> dict[str, list[int]]:
     """CPU: each name's peak in its own process (this script with ``--memory-of``), or {} with --no-memory. Called
-    before this process runs anything, so each child sees the free memory beside this process's weights alone (what
-    vjp's graph budget is taken from), not what this process's runs left to its allocator."""
+    before this model and size's timed runs, so each child sees the free memory beside this process's weights (what
+    vjp's graph budget is taken from) and what earlier sizes' runs left to its allocator: with one size, the weights
+    alone."""
     if args.gpu or args.no_memory:
         return {}
     peaks = {}

@@ -234,9 +234,9 @@ class SavedTensorGuard:
     it shares the layer's quantised data), is always saved as is (copying it would duplicate the weights) and
     version-checked, and a per-layer weight copy is saved as its recipe
     (:class:`WeightRecasts`). ``saved_bytes`` counts the storages the graph keeps alive otherwise, each once (ops save
-    many views of one activation), in either mode: the size of the graph. A counted storage stays alive as long as
-    the graph, so its address is not reused during the pass. With a ``budget`` (bytes), a graph that outgrows it
-    stops the forward with :class:`GraphTooLargeError` before it can exhaust the device's memory.
+    many views of one activation), in either mode: the size of the graph. During the forward a counted storage stays
+    alive with the graph, so its address is not reused while the count grows. With a ``budget`` (bytes), a graph that
+    outgrows it stops the forward with :class:`GraphTooLargeError` before it can exhaust the device's memory.
     """
 
     def __init__(self, parameters: Iterable[torch.Tensor], *, copy: bool, budget: float | None = None) -> None:
@@ -672,6 +672,7 @@ class _RecomputedAttention(torch.autograd.Function):
         return kernel(q, k, v)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         needs = ctx.needs_input_grad[1:]
         inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
@@ -765,6 +766,6 @@ def plain_kernels(model_options: dict) -> Iterator[dict]:
     the step's other passes. Options that already carry REG's override are passed through unchanged.
     """
     previous = model_options.get("transformer_options", {}).get("optimized_attention_override")
-    options = model_options if getattr(previous, "reg_plain_kernels", False) else kernel_options(model_options)
+    options = kernel_options(model_options, recompute_attention=getattr(previous, "reg_recompute", False))
     with _in_training():
         yield options

@@ -139,7 +139,8 @@ def test_cli_rejects_runs_that_would_skew_the_refresh_mix(cost: ModuleType, caps
         (["--repeats", "0", "--no-memory"], "nothing would be measured"),
         (["--real", "--gpu", "--repeats", "0"], "nothing would be measured"),
         (["--repeat", "2"], "unrecognized arguments"),  # no abbreviations
-        (["--gpu", "--keep-freed-memory"], "glibc's heap holds CPU memory only"),
+        (["--gpu", "--keep-freed-memory", "--no-memory"], "glibc's heap holds CPU memory only"),
+        (["--keep-freed-memory"], "--keep-freed-memory times only (add --no-memory)"),
     ):
         with pytest.raises(SystemExit):
             cost.parse(argv)
@@ -149,15 +150,38 @@ def test_cli_rejects_runs_that_would_skew_the_refresh_mix(cost: ModuleType, caps
 
 
 def test_keep_freed_memory_sets_glibc_for_the_timed_process_and_the_report_says_so(cost: ModuleType) -> None:
-    shell = {"PATH": "/bin", "MALLOC_TRIM_THRESHOLD_": "1"}  # a stray setting is never what a run measures
+    shell = {"PATH": "/bin", "MALLOC_TOP_PAD_": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # never measured
     kept = cost.allocator_env(True, shell)
     assert kept == {"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
     assert cost.allocator_env(False, kept) == cost.allocator_env(False, shell) == {"PATH": "/bin"}
     assert cost.allocator_note(kept) == (
         "glibc keeps freed memory (MALLOC_MMAP_THRESHOLD_=4294967296, MALLOC_TRIM_THRESHOLD_=68719476736)"
     )
+    assert cost.allocator_note(shell) == (
+        "glibc's allocator set by (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, MALLOC_TOP_PAD_=1)"
+    )
     assert cost.allocator_note({"PATH": "/bin"}) == "glibc's allocator defaults"
-    assert cost.parse(["--keep-freed-memory"]).keep_freed_memory and not cost.parse([]).keep_freed_memory
+    assert cost.parse(["--keep-freed-memory", "--no-memory"]).keep_freed_memory
+    assert not cost.parse([]).keep_freed_memory
+
+
+def test_the_timed_process_re_executes_itself_once_to_get_the_allocator_asked_for(
+    cost: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(cost.locate, "find_comfyui", lambda: (tmp_path, ""))
+    monkeypatch.setattr(cost.locate, "find_interpreter", lambda tree: (None, "no interpreter found"))
+    execs: list[tuple[str, dict]] = []
+    monkeypatch.setattr(cost.os, "execve", lambda path, argv, env: execs.append((path, env)))
+    monkeypatch.setattr(cost.os, "environ", {cost.UNDER_COMFYUI: "1", "PATH": "/bin", "MALLOC_TOP_PAD_": "1"})
+    plain = cost.parse(["--no-memory"])
+    cost.under_comfyui(plain, ["--no-memory"])  # a stray setting: re-executed (already under ComfyUI) without it
+    assert execs == [(sys.executable, {cost.UNDER_COMFYUI: "1", "PATH": "/bin"})]
+    kept = cost.parse(["--keep-freed-memory", "--no-memory"])
+    monkeypatch.setattr(cost.os, "environ", execs[0][1])
+    cost.under_comfyui(kept, [])
+    assert execs[1][1] == {**execs[0][1], **cost.KEEP_FREED_MEMORY}
+    monkeypatch.setattr(cost.os, "environ", execs[1][1])
+    assert cost.under_comfyui(kept, []) == tmp_path and len(execs) == 2  # the process it asked for: it runs
 
 
 def test_gpu_check_unzips_only_missing_modules_packed_for_this_python(tmp_path: Path) -> None:
