@@ -658,32 +658,62 @@ QUADRATIC_KERNELS = ("attention_basic", "attention_sub_quad", "attention_split")
 
 
 class _RecomputedAttention(torch.autograd.Function):
-    """One attention call whose backward runs it again: the graph keeps ``q``, ``k`` and ``v`` (through the pass's
-    saved-tensor guard, like any saved tensor), not the attention matrix a quadratic kernel would save.
+    """One attention call whose backward runs it again: the graph keeps ``q``, ``k``, ``v`` and the call's other
+    tensors (a mask), not the attention matrix a quadratic kernel would save. All of them are saved through the
+    pass's saved-tensor guard like any saved tensor: version-checked, or copied where the pass copies.
 
     The recomputation's own graph lives only inside this backward: its saved tensors bypass the guard (they are not
     part of the pass's graph and must not count against its budget).
     """
 
     @staticmethod
-    def forward(ctx, kernel: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        ctx.kernel = kernel
-        ctx.save_for_backward(q, k, v)
-        return kernel(q, k, v)
+    def forward(ctx, call: _AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extras: torch.Tensor):
+        ctx.call = call
+        ctx.save_for_backward(q, k, v, *extras)
+        return call(q, k, v, *extras)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        needs = ctx.needs_input_grad[1:]
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:4]
+        qkv = [t.detach().requires_grad_(need) for t, need in zip(saved[:3], needs, strict=True)]
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, _unchanged):
-            out = ctx.kernel(*inputs)
-        found = iter(torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad))
-        return (None, *(next(found) if t.requires_grad else None for t in inputs))
+            out = ctx.call(*qkv, *saved[3:])
+        found = iter(torch.autograd.grad(out, [t for t in qkv if t.requires_grad], grad))
+        return (None, *(next(found) if t.requires_grad else None for t in qkv), *(None for _ in saved[3:]))
 
 
 def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+@dataclass(frozen=True)
+class _AttentionCall:
+    """One attention call with its tensors other than ``q``, ``k``, ``v`` taken out (they travel as ``extras``, in
+    the order of ``positions`` then ``names``), so that the backward calls the kernel with the tensors it saved."""
+
+    kernel: Callable[..., torch.Tensor]
+    rest: tuple
+    kwargs: dict
+    positions: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, kernel: Callable, rest: tuple, kwargs: dict) -> tuple[_AttentionCall, list[torch.Tensor]]:
+        positions = tuple(i for i, a in enumerate(rest) if isinstance(a, torch.Tensor))
+        names = tuple(name for name, a in kwargs.items() if isinstance(a, torch.Tensor))
+        extras = [rest[i] for i in positions] + [kwargs[name] for name in names]
+        bare_rest = tuple(None if i in positions else a for i, a in enumerate(rest))
+        frozen = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items() if k not in names}
+        return cls(kernel, bare_rest, frozen, positions, names), extras  # options dicts copied: they may change later
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        rest = list(self.rest)
+        for position, tensor in zip(self.positions, extras[: len(self.positions)], strict=True):
+            rest[position] = tensor
+        named = dict(zip(self.names, extras[len(self.positions) :], strict=True))
+        return self.kernel(q, k, v, *rest, **self.kwargs, **named)
 
 
 def _recomputing(kernel: Callable) -> Callable:
@@ -692,24 +722,19 @@ def _recomputing(kernel: Callable) -> Callable:
     @functools.wraps(kernel)
     def attention(*args: Any, **kwargs: Any) -> Any:
         qkv, rest = args[:3], args[3:]
-        others = [a for a in (*rest, *kwargs.values()) if isinstance(a, torch.Tensor)]  # a mask, …
+        call, extras = _AttentionCall.of(kernel, rest, kwargs)
         recompute = (
             torch.is_grad_enabled()
             and len(qkv) == 3
             and all(type(t) is torch.Tensor for t in qkv)
             and any(t.requires_grad for t in qkv)
-            and not any(t.requires_grad for t in others)
+            and not any(t.requires_grad for t in extras)
         )
         if not recompute:
             return kernel(*args, **kwargs)
-        frozen = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}  # options may change later
-        return _RecomputedAttention.apply(functools.partial(_call_with, kernel, rest, frozen), *qkv)
+        return _RecomputedAttention.apply(call, *qkv, *extras)
 
     return attention
-
-
-def _call_with(kernel: Callable, rest: tuple, kwargs: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    return kernel(q, k, v, *rest, **kwargs)
 
 
 def _attention_override(previous: Callable | None, recompute: bool) -> Callable:

@@ -63,3 +63,34 @@ def test_attention_matrices_are_recomputed_not_saved(tiny, reg_pack, caplog, mon
     seen.clear()
     sample(case, with_reg(spied(model, matrices)), positive, negative)
     assert set(seen) & matrices
+
+
+@pytest.mark.parametrize("kernel_name", ["attention_basic", "attention_sub_quad", "attention_split"])
+@pytest.mark.parametrize("as_keyword", [False, True])
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_mask_written_before_the_backward_is_caught_or_copied(reg_pack, kernel_name, as_keyword, copy):
+    """The recomputation reads the mask again in the backward, so the mask is saved like any saved tensor: a write to
+    it between the forward and the backward raises (copy=False, the estimator then repeats the pass copying) or does
+    not reach the backward (copy=True), whose gradients then equal plain autograd's with the mask as it was."""
+    from comfy.ldm.modules import attention
+
+    traced_pass = reg_pack.submodule("nodes.traced_pass")
+    kernel = getattr(attention, kernel_name)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 8, generator=generator, requires_grad=True) for _ in range(3))
+    mask = torch.randn(2, 6, 6, generator=generator)
+    head_grad = torch.randn(2, 6, 8, generator=generator)
+    want = torch.autograd.grad(kernel(q, k, v, 2, mask.clone()), (q, k, v), head_grad)
+
+    guard = traced_pass.SavedTensorGuard([], copy=copy)
+    with guard.hooks():
+        recomputing = traced_pass._recomputing(kernel)
+        out = recomputing(q, k, v, 2, mask=mask) if as_keyword else recomputing(q, k, v, 2, mask)
+    mask.mul_(-3.0)  # not a constant shift, which softmax would ignore
+    if not copy:
+        with pytest.raises(traced_pass.InPlaceUpdateError):
+            torch.autograd.grad(out, (q, k, v), head_grad)
+        return
+    got = torch.autograd.grad(out, (q, k, v), head_grad)
+    for g, w in zip(got, want, strict=True):
+        assert float((g - w).abs().max()) <= 1e-6 * float(w.abs().max())
