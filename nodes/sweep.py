@@ -87,7 +87,8 @@ class REGGuidanceSweep(io.ComfyNode):
                     dynamic_prompts=False,
                     tooltip=(
                         "The caption CLIP scores the images against (usually your positive prompt without weights "
-                        "or styling tags): one line for the whole batch, or one line per image. Used verbatim."
+                        "or styling tags): one line for the whole batch, or one line per image (per video: its "
+                        "frames share its line). Used verbatim."
                     ),
                 ),
                 io.Int.Input(
@@ -202,8 +203,8 @@ class REGGuidanceSweep(io.ComfyNode):
         pixels, results, report_runs = [], [], []
         for index, run in enumerate(plan.runs):
             images, seconds = sampling.run(plan.model(base, run.method), run.sampler_cfg, index * steps, pbar, vae)
-            if images.shape[0] != len(prompts):
-                prompts = clip_score.split_prompts(score_prompt, int(images.shape[0]), input_name="score_prompt")
+            if images.shape[0] != len(prompts):  # a video VAE's frames, latent by latent: each keeps its line
+                prompts = [line for line in prompts for _ in range(images.shape[0] // len(prompts))]
             result = score(clip_score_model, images, prompts, truncation)
             pixels.append(clip_score.images_to_uint8(images)[0].numpy())
             results.append(result)
@@ -227,6 +228,19 @@ class REGGuidanceSweep(io.ComfyNode):
         # the plot and the grid are outputs for preview/save nodes (the template has them); the node itself shows only
         # the summary, so each picture appears once
         return io.NodeOutput(plot, grid, json.dumps(report, ensure_ascii=False), ui={"text": (summary,)})
+
+
+def _decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    """``vae.decode``, with a VAE made for other latents named as the input to change (torch's channel mismatch)."""
+    try:
+        return vae.decode(samples)
+    except RuntimeError as err:
+        if "channels, but got" not in str(err):
+            raise
+        raise sweep.SweepConfigError(
+            f"REGGuidanceSweep: vae cannot decode this model's latents ({str(err).splitlines()[0]}): connect the VAE "
+            "that belongs to the model."
+        ) from None
 
 
 @dataclass
@@ -265,7 +279,7 @@ class SweepPlan:
         elif method == "pag_reg":
             m.set_model_sampler_post_cfg_function(pag_post_cfg(self.pag_scale))
         if method != "cfg":
-            REGPatch(self.settings_reg).install(wrapper_adder(m))
+            REGPatch(self.settings_reg, node="REGGuidanceSweep").install(wrapper_adder(m))
         return m
 
     def run_report(self, run: sweep.SweepRun, result: clip_score.CLIPScoreResult, seconds: float) -> dict:
@@ -333,7 +347,7 @@ class Sampling:
             self.positive, self.negative, self.latent.clone(), noise_mask=self.latent_image.get("noise_mask"),
             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=self.seed,
         )  # fmt: skip
-        images = vae.decode(samples)
+        images = _decode(vae, samples)
         if images.ndim == 5:  # video VAEs: frames become images, as in VAEDecode
             images = images.reshape(-1, *images.shape[-3:])
         pbar.update_absolute(offset + self.steps, pbar.total)

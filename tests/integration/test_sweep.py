@@ -439,3 +439,39 @@ def test_schema_category_outputs_and_a_tooltip_on_every_input(reg_pack):
     assert inputs["scheduler"].options == comfy.samplers.KSampler.SCHEDULERS
     assert [o.display_name for o in schema.outputs] == ["plot", "grid", "json"]
     assert list(cls.RETURN_TYPES) == ["IMAGE", "IMAGE", "STRING"]
+
+
+class _VideoShapedVAE:
+    """The tiny image VAE decoding as a video VAE does, (latents, frames, height, width, channels): each latent's
+    image repeated as ``frames`` frames."""
+
+    def __init__(self, vae, frames: int) -> None:
+        self.vae, self.frames = vae, frames
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(samples).unsqueeze(1).repeat(1, self.frames, 1, 1, 1)
+
+
+def test_a_videos_frames_are_scored_against_its_own_line(tiny, clip_models, reg_pack):
+    import nodes
+
+    inputs = _direct_inputs(tiny, clip_models)
+    inputs |= {
+        "latent_image": {"samples": torch.zeros(2, 4, 4, 4)},
+        "vae": _VideoShapedVAE(inputs["vae"], 3),
+        "score_prompt": "a red cube\na blue ball",
+    }
+    with torch.inference_mode():
+        report = json.loads(nodes.NODE_CLASS_MAPPINGS["REGGuidanceSweep"].execute(**inputs).result[2])
+    assert report["score_prompt"] == ["a red cube"] * 3 + ["a blue ball"] * 3
+    for run in report["runs"]:  # the same frame with the same line scores the same; the two videos differ
+        scores = run["scores"]
+        assert len(set(scores[:3])) == 1 and len(set(scores[3:])) == 1 and scores[0] != scores[3], scores
+
+
+def test_a_vae_for_other_latents_is_named(tiny, clip_models, reg_pack):
+    import nodes
+
+    inputs = {**_direct_inputs(tiny, clip_models), "vae": nodes.VAELoader().load_vae(tiny.sd3_vae)[0]}
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"^REGGuidanceSweep: vae cannot decode this model's"):
+        nodes.NODE_CLASS_MAPPINGS["REGGuidanceSweep"].execute(**inputs)
