@@ -266,7 +266,8 @@ class REGGuidanceSchedule(io.ComfyNode):
     def execute(cls, model, schedule, end_cfg, sigma_low, sigma_high, exponent, progress) -> io.NodeOutput:
         patch = SchedulePatch(_schedule(schedule, end_cfg, sigma_low, sigma_high, exponent, progress))
         m = model.clone()
-        remove_schedule(m)
+        if remove_schedule(m):
+            log.info("REGGuidanceSchedule: replacing the schedule already on this model.")
         patch.install(wrapper_adder(m))
         return io.NodeOutput(m)
 
@@ -376,7 +377,7 @@ class REGGuider(io.ComfyNode):
         exponent,
         progress,
     ) -> io.NodeOutput:
-        reg = REGPatch(REGSettings(strength, estimator, start_percent, end_percent, refresh_every))
+        reg = REGPatch(REGSettings(strength, estimator, start_percent, end_percent, refresh_every), node="REGGuider")
         sched = _schedule(schedule, end_cfg, sigma_low, sigma_high, exponent, progress)
         schedule_patch = SchedulePatch(sched) if sched.schedule is not Schedule.CONSTANT else None
         apg = APG(eta=eta, norm_threshold=norm_threshold, momentum=momentum) if base == "apg" else None

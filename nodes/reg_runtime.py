@@ -114,6 +114,7 @@ class REGRun:
     """Per-sampling-run state, created by the OUTER_SAMPLE wrapper (one per run, never shared between runs)."""
 
     settings: REGSettings
+    node: str  # the node that installed REG, named by errors
     space: Space | None
     sigma_high: float
     sigma_low: float
@@ -217,8 +218,9 @@ class REGPatch:
     """The wrappers one REG node installs. Holds only the settings and the records of its last runs (REGDiagnostics
     finds a run by its output latent); everything a run changes lives in that run's :class:`REGRun`."""
 
-    def __init__(self, settings: REGSettings) -> None:
+    def __init__(self, settings: REGSettings, node: str = "REGGuidance") -> None:
         self.settings = settings
+        self.node = node
         self.records: OrderedDict[str, RunRecord] = OrderedDict()
 
     def install(self, add_wrapper: AddWrapper) -> None:
@@ -239,6 +241,7 @@ class REGPatch:
         flow = space is not None and space.flow
         run = REGRun(
             settings=self.settings,
+            node=self.node,
             space=space,
             sigma_high=sigma_high,
             sigma_low=sigma_low,
@@ -423,7 +426,7 @@ def _fallback_reason(run: REGRun, err: RuntimeError | NotImplementedError, what:
         return "not enough memory for the backward pass"
     reason = None if gradient_free else known_autograd_failure(err)
     if reason is None:
-        raise RuntimeError(f"REGGuidance ({run.estimator.kind.value}): {what} failed: {err}") from err
+        raise RuntimeError(f"{run.node} ({run.estimator.kind.value}): {what} failed: {err}") from err
     return reason
 
 

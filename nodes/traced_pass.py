@@ -42,15 +42,14 @@ class NoGraphError(RuntimeError):
     """The conditional pass cannot give an exact Jacobian (no graph, a partial graph, or an overwritten tensor)."""
 
 
-# Messages of the autograd failures a differentiated pass through a ComfyUI model can meet and REG can name; any
-# other error is a real bug and surfaces (see :func:`known_autograd_failure`).
+# Messages of the autograd failures a differentiated pass through a ComfyUI model can meet and REG can name (each: the
+# phrases that must all appear); any other error is a real bug and surfaces (see :func:`known_autograd_failure`).
 KNOWN_AUTOGRAD_FAILURES = (
-    "no autograd formula",
-    "modified by an inplace operation",
-    "inference tensors cannot be saved for backward",
-    "does not require grad and does not have a grad_fn",
-    "is not implemented for",
-    "derivative for",
+    ("no autograd formula",),
+    ("modified by an inplace operation",),
+    ("inference tensors cannot be saved for backward",),
+    ("does not require grad and does not have a grad_fn",),
+    ("derivative for", "is not implemented"),  # torch: "the derivative for 'op' is not implemented"
 )
 
 
@@ -60,7 +59,8 @@ def known_autograd_failure(err: BaseException) -> str | None:
         return str(err)
     if isinstance(err, (RuntimeError, NotImplementedError)):
         text = str(err)
-        if any(pattern in text.lower() for pattern in KNOWN_AUTOGRAD_FAILURES):
+        lower = text.lower()
+        if any(all(phrase in lower for phrase in phrases) for phrases in KNOWN_AUTOGRAD_FAILURES):
             return text.splitlines()[0] if text else type(err).__name__
     return None
 

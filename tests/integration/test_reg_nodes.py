@@ -356,6 +356,23 @@ def test_schedule_linear_to_the_same_cfg_equals_constant(harness, tiny):
     assert not torch.allclose(run_ksampler(harness, tiny, patches=[ramp, reg_patch()], steps=2, cfg=5.0), constant)
 
 
+@pytest.mark.parametrize("node", ["REGGuidance", "REGGuidanceSchedule"])
+def test_a_second_node_of_a_kind_replaces_the_first_and_says_so(harness, tiny, caplog, node):
+    """Chained twice, the second node's settings are the ones that act (never both), with one line in the console."""
+    if node == "REGGuidance":
+        first, second = reg_patch(strength=0.5), reg_patch(strength=1.5)
+    else:
+        ramp = {**SCHEDULE, "schedule": "linear", "progress": "steps"}
+        first, second = (node, {**ramp, "end_cfg": 1.0}), (node, {**ramp, "end_cfg": 8.0})
+    with caplog.at_level(logging.INFO, logger="reg_guidance"):
+        twice = run_ksampler(harness, tiny, patches=[first, second], steps=2, cfg=4.0)
+    lines = [r.getMessage() for r in caplog.records if "replacing the" in r.getMessage()]
+    assert lines == [f"{node}: replacing the {'REG settings' if node == 'REGGuidance' else 'schedule'} already on "
+                     "this model."]  # fmt: skip
+    assert torch.equal(twice, run_ksampler(harness, tiny, patches=[second], steps=2, cfg=4.0))
+    assert not torch.allclose(twice, run_ksampler(harness, tiny, patches=[first], steps=2, cfg=4.0))
+
+
 def test_window_outside_all_steps_leaves_guidance_unchanged(harness, tiny):
     plain = run_ksampler(harness, tiny, steps=2)
     # A zero-width window at the very start (percent 0 maps to σ = 1e9) contains no sampling step.

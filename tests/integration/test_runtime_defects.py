@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from test_reg_nodes import ONE_STEP, _patched, _sample, load_family, reference_step
+from test_reg_nodes import ONE_STEP, REG, SCHEDULE, _patched, _sample, load_family, reference_step
 
 
 def _warnings(caplog) -> list[str]:
@@ -137,8 +137,9 @@ def test_a_network_cut_from_the_graph_falls_back_with_one_warning(tiny, reg_pack
     assert torch.equal(got, gradient_free)
 
 
-def test_a_real_error_in_the_traced_pass_surfaces_with_the_node_named(tiny, reg_pack):
-    model, positive, negative, _ = load_family(tiny, "sd15")
+@contextlib.contextmanager
+def _shape_bug(model):
+    """The network raises a plain bug (no autograd failure REG could name) in every differentiated call."""
 
     def shape_bug(module, args):
         if torch.is_grad_enabled():
@@ -146,10 +147,35 @@ def test_a_real_error_in_the_traced_pass_surfaces_with_the_node_named(tiny, reg_
 
     handle = model.model.diffusion_model.register_forward_pre_hook(shape_bug)
     try:
-        with pytest.raises(RuntimeError, match=r"REGGuidance \(vjp\).*mat1 and mat2"):
-            _one_step(_patched(model), positive, negative, "sd15", 4.0)
+        yield
     finally:
         handle.remove()
+
+
+def test_a_real_error_in_the_traced_pass_surfaces_with_the_node_named(tiny, reg_pack):
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    with _shape_bug(model), pytest.raises(RuntimeError, match=r"^REGGuidance \(vjp\).*mat1 and mat2"):
+        _one_step(_patched(model), positive, negative, "sd15", 4.0)
+
+
+def test_a_real_error_under_reg_guider_names_reg_guider(tiny, reg_pack):
+    import comfy.sample
+    import comfy.samplers
+
+    import nodes
+
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    inputs = {"cfg": 4.0, "base": "cfg", "eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0, "pag_scale": 3.0}
+    guider = (
+        nodes.NODE_CLASS_MAPPINGS["REGGuider"]
+        .execute(model=model, positive=positive, negative=negative, **inputs, **REG, **SCHEDULE, progress="steps")
+        .result[0]
+    )
+    _, latent, sigmas = _guider(model, positive, negative, "sd15", 4.0)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    with _shape_bug(model), pytest.raises(RuntimeError, match=r"^REGGuider \(vjp\).*mat1 and mat2"):
+        with torch.inference_mode():
+            guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=42)
 
 
 def test_chain_backward_out_of_memory_falls_back_within_the_step(tiny, reg_pack, caplog, monkeypatch):

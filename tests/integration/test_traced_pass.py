@@ -285,6 +285,10 @@ def test_known_failures_are_named_and_others_are_not(reg_pack):
     assert tp.known_autograd_failure(tp.NoGraphError("no graph")) == "no graph"
     assert tp.known_autograd_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")) is None
     assert tp.known_autograd_failure(ValueError("modified by an inplace operation")) is None
+    no_formula = RuntimeError("the derivative for '_scaled_mm' is not implemented.")
+    assert tp.known_autograd_failure(no_formula) == str(no_formula)
+    dtype = RuntimeError("addmm: computation on CPU is not implemented for Float8_e4m3fn")  # a bug, not autograd's
+    assert tp.known_autograd_failure(dtype) is None
 
 
 def test_the_in_place_retry_releases_the_failed_pass_first(reg_pack):
