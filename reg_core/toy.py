@@ -143,25 +143,6 @@ def make_toy_2d(dtype: torch.dtype = torch.float64) -> ConditionalToy:
     return ConditionalToy(cond=parts[0], uncond=mixture_of(parts, torch.full((3,), 1 / 3, dtype=dtype)))
 
 
-def make_toy_1d(dtype: torch.dtype = torch.float64) -> ConditionalToy:
-    """A 1-D toy with the shape of zhengqigao/REG's ``1d-toy`` data.
-
-    cond ``½N(0.5, 0.25²) + ½N(1.5, 0.25²)``; the unconditional mixture adds an equally likely second class
-    ``½N(−2, 0.5²) + ½N(0, 0.5²)``.
-    """
-    cond = GaussianMixture(
-        weights=torch.tensor([0.5, 0.5], dtype=dtype),
-        means=torch.tensor([[0.5], [1.5]], dtype=dtype),
-        covs=torch.tensor([[[0.0625]], [[0.0625]]], dtype=dtype),
-    )
-    other = GaussianMixture(
-        weights=torch.tensor([0.5, 0.5], dtype=dtype),
-        means=torch.tensor([[-2.0], [0.0]], dtype=dtype),
-        covs=torch.tensor([[[0.25]], [[0.25]]], dtype=dtype),
-    )
-    return ConditionalToy(cond=cond, uncond=mixture_of([cond, other], torch.tensor([0.5, 0.5], dtype=dtype)))
-
-
 def gauss_hermite(order: int, dim: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Tensor-product Gauss–Hermite rule ``E_{z~N(0,I_d)}[f(z)] ≈ Σ_j ω_j f(z_j)``.
 
@@ -280,21 +261,6 @@ def sliced_wasserstein(a: Tensor, b: Tensor, generator: torch.Generator, project
     pa, _ = torch.sort(a @ dirs.T, dim=0)
     pb, _ = torch.sort(b @ dirs.T, dim=0)
     return float(((pa - pb) ** 2).mean().sqrt())
-
-
-def to_flow(x_ve: Tensor, sigma_ve: float) -> tuple[Tensor, float]:
-    """Map a VE state to ComfyUI's CONST (flow) space: ``σ = σ_VE/(1+σ_VE)``, ``x = (1−σ)·x_VE``."""
-    sigma = sigma_ve / (1 + sigma_ve)
-    return (1 - sigma) * x_ve, sigma
-
-
-def flow_denoiser(mixture: GaussianMixture) -> Callable[[Tensor, float], Tensor]:
-    """The exact denoiser of ``mixture`` in flow space ``x = (1−σ)x0 + σε``: ``D(x/(1−σ), σ/(1−σ))``."""
-
-    def denoise(x: Tensor, sigma: float) -> Tensor:
-        return mixture.denoise(x / (1 - sigma), sigma / (1 - sigma))
-
-    return denoise
 
 
 def make_image_toy(side: int = 16, length_scale: float = 2.5, dtype: torch.dtype = torch.float64) -> ConditionalToy:

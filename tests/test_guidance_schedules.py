@@ -61,6 +61,9 @@ def test_apg_pre_cfg_pair_gives_apg_at_every_scale_including_zero(scale: float) 
     assert torch.allclose(got, d_c + scale * apg.guidance(d_c, d_u, 1.0), atol=1e-12)
     if scale == 0:
         assert torch.equal(got, d_c)  # APG at scale 0 is the conditional prediction, exactly
+    else:  # ComfyUI's maths (which divides by the scale), written out independently
+        want = comfy_apg_reference(d_c, d_u, scale, 1.0, {"avg": 0, "prev": None}, 0.4, 3.0, 0.0)
+        assert torch.allclose(got, want, atol=1e-12)
 
 
 @pytest.mark.parametrize(("eta", "tau", "momentum"), [(0.0, 5.0, 0.0), (0.3, 2.0, -0.5), (1.0, 0.0, 0.7)])

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import toys
 
 from reg_core import rectify, toy
 from reg_core.rectify import Estimator
@@ -131,6 +132,18 @@ def test_strength_zero_is_plain_guidance_bit_for_bit_and_one_is_reg() -> None:
     assert rectify.rectify_chain(d_c, d_g, m, torch.tensor(1.0), 0.0) is d_g
 
 
+@pytest.mark.parametrize("strength", [0.5, 1.0, 2.0])
+def test_chain_strength_blends_plain_guidance_with_the_chain_rule(strength: float) -> None:
+    """chain at λ: ``(1−λ)·D_g + λ·(D_c + a·Jᵀδ)``, written out by hand for a per-batch factor ``a``."""
+    gen = torch.Generator().manual_seed(12)
+    d_c, d_g, jt_delta = (torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    factor = torch.tensor([0.3, 0.7], dtype=torch.float64).view(2, 1, 1, 1)
+    want = (1 - strength) * d_g + strength * (d_c + factor * jt_delta)
+    got = rectify.rectify_chain(d_c, d_g, jt_delta, factor, strength)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert not torch.allclose(got, d_g, atol=1e-3)
+
+
 @pytest.mark.parametrize("flow", [False, True])
 def test_gaussian_data_closed_form_m_goes_to_zero_at_high_noise(flow: bool) -> None:
     """Gaussian data N(μ, s²I): M = SNR·s²/(1+SNR·s²) (ideal denoiser); → 0 as noise grows, → 1 as it vanishes."""
@@ -141,7 +154,7 @@ def test_gaussian_data_closed_form_m_goes_to_zero_at_high_noise(flow: bool) -> N
     ms = []
     for sigma in sigmas:
         if flow:
-            denoise = toy.flow_denoiser(mixture)
+            denoise = toys.flow_denoiser(mixture)
             snr = (1 - sigma) ** 2 / sigma**2
         else:
             denoise = mixture.denoise

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import toys
 
 from reg_core import demo, toy
 
@@ -32,9 +33,9 @@ def test_denoiser_jacobian_is_symmetric() -> None:
 def test_flow_denoiser_matches_ve_denoiser_through_the_change_of_variables() -> None:
     t = toy.make_toy_2d()
     x_ve = torch.randn(10, 2, generator=torch.Generator().manual_seed(1))
-    x_flow, sigma_flow = toy.to_flow(x_ve, 1.5)
+    x_flow, sigma_flow = toys.to_flow(x_ve, 1.5)
     assert sigma_flow == pytest.approx(0.6)
-    assert torch.allclose(toy.flow_denoiser(t.cond)(x_flow, sigma_flow), t.cond.denoise(x_ve, 1.5), atol=1e-12)
+    assert torch.allclose(toys.flow_denoiser(t.cond)(x_flow, sigma_flow), t.cond.denoise(x_ve, 1.5), atol=1e-12)
 
 
 def test_gauss_hermite_integrates_polynomials_exactly() -> None:
@@ -46,7 +47,7 @@ def test_gauss_hermite_integrates_polynomials_exactly() -> None:
 
 def test_expected_reward_matches_dense_grid_integration_in_1d() -> None:
     """log E_σ(x) = log ∫ p(x0|y) N(x; x0, σ²) R_0 dx0 − log p_σ(x|y), integrated on a dense grid."""
-    t = toy.make_toy_1d()
+    t = toys.make_toy_1d()
     grid = torch.linspace(-4, 4, 40001)[:, None]
     dx = float(grid[1, 0] - grid[0, 0])
     x = torch.tensor([[0.2], [1.0], [1.7]])
@@ -86,7 +87,7 @@ def test_samplers_reach_the_tilted_target_and_reg_beats_cfg() -> None:
 
 
 def test_tilted_sampler_moments_1d() -> None:
-    t = toy.make_toy_1d()
+    t = toys.make_toy_1d()
     draws = toy.sample_tilted(t, 2.0, 200000, torch.Generator().manual_seed(6))
     grid = torch.linspace(-4, 4, 20001)[:, None]
     p = torch.softmax(t.tilted_log_density(grid, 2.0), 0)

@@ -110,6 +110,8 @@ def test_scheduled_apg_follows_the_same_weights_as_scheduled_cfg(harness, tiny, 
     apg = guider_run(harness, tiny, cfg=3.0, base="apg", steps=4, **sched, end_cfg=apg_end)
     cfg = guider_run(harness, tiny, cfg=4.0, base="cfg", steps=4, **sched, end_cfg=cfg_end)
     assert torch.allclose(apg, cfg, atol=1e-4), float((apg - cfg).abs().max())
+    unscheduled = guider_run(harness, tiny, cfg=4.0, base="cfg", steps=4)  # the equality above holds unscheduled too
+    assert not torch.allclose(cfg, unscheduled, atol=1e-3)
 
 
 def test_schedule_warns_once_per_run_under_a_guider_without_one_cfg(harness, tiny, caplog):
@@ -157,6 +159,8 @@ def test_comfyuis_apg_node_is_scheduled_as_apg(harness, tiny, schedule, apg_end,
                        cfg=3.0)  # fmt: skip
     cfg = run_ksampler(harness, tiny, patches=[(sched[0], {**sched[1], "end_cfg": cfg_end})], steps=4, cfg=4.0)
     assert torch.allclose(apg, cfg, atol=1e-4), float((apg - cfg).abs().max())
+    unscheduled = run_ksampler(harness, tiny, steps=4, cfg=4.0)  # the equality above holds unscheduled too
+    assert not torch.allclose(cfg, unscheduled, atol=1e-3)
 
 
 def test_reg_guider_pag_on_a_dit_is_a_clear_error(harness, tiny):

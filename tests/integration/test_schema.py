@@ -45,10 +45,13 @@ def test_reg_never_takes_a_single_slot_hook(harness, tiny):
     )
     sampler = ksampler(g, inp, model=sched.out(0), steps=1)
     result = harness.run(g, outputs=[sampler, sched])
-    options = result.value(sched, 0).model_options
+    patcher = result.value(sched, 0)
+    options = patcher.model_options
     for slot in ("sampler_cfg_function", "sampler_calc_cond_batch_function", "model_function_wrapper"):
         assert slot not in options, slot
     assert not options.get("sampler_pre_cfg_function") and not options.get("sampler_post_cfg_function")
+    keys = {key for by_key in patcher.wrappers.values() for key in by_key}  # positive control: both nodes patched it
+    assert {"reg_guidance", "reg_schedule"} <= keys
     assert torch.isfinite(result.latent(sampler)).all()
 
 
