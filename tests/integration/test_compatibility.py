@@ -408,6 +408,32 @@ def test_a_lora_loaded_through_lora_loader(tiny, reg_pack, caplog, tiny_lora):
     check(tiny, case, caplog)
 
 
+@pytest.mark.parametrize("hooked", ["positive", "negative", "both"])
+def test_lora_hooks_on_the_conditioning(tiny, reg_pack, caplog, tiny_lora, hooked):
+    """ComfyUI's hooks (Create Hook LoRA + Cond Set Props) patch the weights for the conds that carry them, in each
+    ``calc_cond_batch`` call: REG's differentiated pass must see the positive's weights, its negative pass the
+    negative's (``both``: a different strength each)."""
+    model, positive, negative, _ = load_family(tiny, "sd15")
+
+    def hook(cond, strength):
+        hooks = apply("CreateHookLora", lora_name=tiny_lora, strength_model=strength, strength_clip=1.0)[0]
+        return apply("ConditioningSetProperties", cond_NEW=cond, strength=1.0, set_cond_area="default", hooks=hooks)[0]
+
+    pos = hook(positive, 1.0) if hooked != "negative" else positive
+    neg = hook(negative, -1.5 if hooked == "both" else 1.0) if hooked != "positive" else negative
+    case = Case()
+    with caplog.at_level(logging.INFO, logger="reg_guidance"):
+        got = sample(case, with_reg(model.clone()), pos, neg)
+    plain = sample(case, model.clone(), pos, neg)
+    want = sample(case, model.clone(), pos, neg, ReferenceREG())
+    scale = float(want.abs().max())
+    unhooked = sample(case, model.clone(), positive, negative)
+    assert float((plain - unhooked).abs().max()) > 1e-3 * scale  # the hooks act, 10× above the tolerance below
+    assert reg_lines(caplog) == []
+    assert float((got - want).abs().max()) <= 1e-4 * scale, float((got - want).abs().max()) / scale
+    assert float((got - plain).abs().max()) > 1e-3 * scale
+
+
 def flow_sampling(model: Any, kind: type, noise_scale: float = 1.0) -> Any:
     """The model with a flow model-sampling object of ``kind`` (as ComfyUI's ModelSampling nodes patch it)."""
     import comfy.model_sampling
