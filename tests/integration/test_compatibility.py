@@ -434,6 +434,64 @@ def test_lora_hooks_on_the_conditioning(tiny, reg_pack, caplog, tiny_lora, hooke
     assert float((got - plain).abs().max()) > 1e-3 * scale
 
 
+@pytest.mark.parametrize("region", ["area", "mask"])
+def test_regional_prompts_combined_into_the_positive(tiny, reg_pack, caplog, region):
+    """A positive made of several conditionings, one limited to a region (Conditioning Set Area or Set Mask, then
+    Conditioning Combine): ComfyUI predicts each and blends them by area and strength; M is that blend's."""
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    if region == "area":
+        left = apply("ConditioningSetArea", conditioning=negative, width=32, height=64, x=0, y=0, strength=1.5)[0]
+    else:
+        mask = torch.zeros(1, 64, 64)
+        mask[:, 16:48, 8:40] = 1.0
+        left = apply("ConditioningSetMask", conditioning=negative, mask=mask, strength=1.5, set_cond_area="default")[0]
+    combined = apply("ConditioningCombine", conditioning_1=positive, conditioning_2=left)[0]
+    case = Case()
+    with caplog.at_level(logging.INFO, logger="reg_guidance"):
+        got = sample(case, with_reg(model.clone()), combined, negative)
+    plain = sample(case, model.clone(), combined, negative)
+    want = sample(case, model.clone(), combined, negative, ReferenceREG())
+    scale = float(want.abs().max())
+    assert float((plain - sample(case, model.clone(), positive, negative)).abs().max()) > 1e-3 * scale  # it acts
+    assert reg_lines(caplog) == []
+    assert float((got - want).abs().max()) <= 1e-4 * scale, float((got - want).abs().max()) / scale
+    assert float((got - plain).abs().max()) > 1e-3 * scale
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_differential_diffusion_masks_m_as_it_masks_the_step(tiny, reg_pack, caplog, strength):
+    """Differential Diffusion replaces the sampler's denoise mask at every evaluation (a soft mask thresholded by the
+    step's progress, blended with it below strength 1): REG's M is that of the denoiser the sampler really uses, so a
+    KSampler run equals the reference differentiated through ComfyUI's own masking step by step."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_differential_diffusion import DifferentialDiffusion
+    from test_families import CFG, SEED, reference_run
+    from test_modern_models import max_error
+
+    import nodes
+
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    differential = DifferentialDiffusion.execute(model, strength).result[0]
+    samples = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    mask = torch.linspace(0, 1, 8).expand(1, 1, 8, 8).clone()  # keep the left, repaint the right
+    latent, steps = {"samples": samples, "noise_mask": mask}, 3
+
+    def run(m):
+        with torch.inference_mode():
+            return nodes.KSampler().sample(m, SEED, steps, CFG, "euler", "normal", positive, negative, latent)[0]
+
+    with caplog.at_level(logging.INFO, logger="reg_guidance"):
+        got = run(with_reg(differential))["samples"]
+    assert reg_lines(caplog) == []
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    noise = comfy.sample.prepare_noise(samples, SEED)
+    want, _ = reference_run(differential, positive, negative, samples, sigmas, noise, denoise_mask=mask)
+    assert max_error(got, want) <= 1e-4
+    assert max_error(run(differential)["samples"], want) > 1e-3  # REG really acted
+    assert max_error(run(with_reg(model.clone()))["samples"], want) > 1e-3  # and the masks were Differential's
+
+
 def flow_sampling(model: Any, kind: type, noise_scale: float = 1.0) -> Any:
     """The model with a flow model-sampling object of ``kind`` (as ComfyUI's ModelSampling nodes patch it)."""
     import comfy.model_sampling
