@@ -291,8 +291,13 @@ class SavedTensorGuard:
         return tensor
 
     def hooks(self) -> contextlib.AbstractContextManager:
-        """The context in which the differentiated ops are recorded."""
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        """The context in which the differentiated ops are recorded.
+
+        The hooks are bookkeeping, never part of the model: under a compiled model (TorchCompileModel) they stay out
+        of torch.compile, which would otherwise compile them as frames of their own, once per guard they change.
+        """
+        pack, unpack = torch.compiler.disable(self._pack), torch.compiler.disable(self._unpack)
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def release(self) -> None:
         """Drop the bookkeeping (the graph keeps what it saved, recipes included)."""

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import tiny_models
 import torch
+from comfy_harness import PACK_NAME
 from test_reg_nodes import REG, load_family
 
 
@@ -490,6 +491,30 @@ def test_differential_diffusion_masks_m_as_it_masks_the_step(tiny, reg_pack, cap
     assert max_error(got, want) <= 1e-4
     assert max_error(run(differential)["samples"], want) > 1e-3  # REG really acted
     assert max_error(run(with_reg(model.clone()))["samples"], want) > 1e-3  # and the masks were Differential's
+
+
+def test_a_compiled_model_is_exact_and_reg_stays_out_of_the_compiler(tiny, reg_pack, caplog):
+    """TorchCompileModel's wrapper (ComfyUI's ``set_torch_compile_wrapper``; backend aot_eager: the same tracing and
+    AOTAutograd as inductor, without its C++ build): REG's step equals the reference, and torch.compile never compiles
+    REG's bookkeeping (the saved-tensor hooks), which it would otherwise recompile for every tensor they see."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    compiled = model.clone()
+    set_torch_compile_wrapper(compiled, backend="aot_eager")
+    case = Case()
+    try:
+        with caplog.at_level(logging.INFO):
+            got = sample(case, with_reg(compiled.clone()), positive, negative)
+        plain = sample(case, compiled.clone(), positive, negative)
+    finally:
+        torch._dynamo.reset()
+    assert reg_lines(caplog) == []
+    assert not [r.getMessage() for r in caplog.records if f"/{PACK_NAME}/" in r.getMessage()]  # a frame of REG's
+    want = sample(case, model.clone(), positive, negative, ReferenceREG())
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-4 * scale, float((got - want).abs().max()) / scale
+    assert float((got - plain).abs().max()) > 1e-3 * scale
 
 
 def flow_sampling(model: Any, kind: type, noise_scale: float = 1.0) -> Any:
