@@ -276,6 +276,8 @@ def easycache(model: Any) -> Any:
 CFG1_OFF = "cfg is 1 and no guidance hook is set"
 WHOLE_RUN = {"start_percent": 0.0, "end_percent": 1.0}
 SLG = {"double_layers": "1", "single_layers": "", **WHOLE_RUN}
+DEEP_SHRINK = {"block_number": 1, "downscale_factor": 2.0, **WHOLE_RUN, "downscale_after_skip": True,
+               "downscale_method": "bicubic", "upscale_method": "bicubic"}  # fmt: skip
 CASES = {
     "label-keyed attention patch, vjp": Case(label_keyed),
     "label-keyed attention patch, gradient-free": Case(label_keyed, estimator="gradient-free"),
@@ -306,6 +308,7 @@ CASES = {
     "PerpNegGuider": Case(guider="perp_neg"),
     "DualModelGuider": Case(guider="dual_model", since=(0, 33)),
     "FreeU_V2": Case(node("FreeU_V2", b1=1.3, b2=1.4, s1=0.9, s2=0.2)),
+    "PatchModelAddDownscale (Kohya Deep Shrink)": Case(node("PatchModelAddDownscale", **DEEP_SHRINK), size=16),
     "TCFG": Case(node("TCFG")),
     "FreSca": Case(node("FreSca", scale_low=1.0, scale_high=1.25, freq_cutoff=2)),
     "TemporalScoreRescaling (after REG)": Case(
