@@ -179,8 +179,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def allocator_settings(env: Mapping[str, str]) -> dict[str, str]:
-    """The variables of ``env`` that set glibc's allocator (``MALLOC_*``, ``GLIBC_TUNABLES``)."""
-    return {k: v for k, v in env.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+    """The variables of ``env`` that change how CPU memory is allocated: glibc's (``MALLOC_*``, ``GLIBC_TUNABLES``)
+    and PyTorch's huge pages for large CPU tensors (``THP_MEM_ALLOC_ENABLE``)."""
+    return {k: v for k, v in env.items() if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")}
 
 
 def allocator_env(keep: bool, env: Mapping[str, str]) -> dict[str, str]:
@@ -194,7 +195,7 @@ def allocator_note(env: Mapping[str, str]) -> str:
     settings = allocator_settings(env)
     if not settings:
         return "glibc's allocator defaults"
-    label = "glibc keeps freed memory" if settings == KEEP_FREED_MEMORY else "glibc's allocator set by"
+    label = "glibc keeps freed memory" if settings == KEEP_FREED_MEMORY else "allocation set by"
     return f"{label} ({', '.join(f'{k}={v}' for k, v in sorted(settings.items()))})"
 
 

@@ -150,7 +150,12 @@ def test_cli_rejects_runs_that_would_skew_the_refresh_mix(cost: ModuleType, caps
 
 
 def test_keep_freed_memory_sets_glibc_for_the_timed_process_and_the_report_says_so(cost: ModuleType) -> None:
-    shell = {"PATH": "/bin", "MALLOC_TOP_PAD_": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # never measured
+    shell = {
+        "PATH": "/bin",
+        "MALLOC_TOP_PAD_": "1",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+        "THP_MEM_ALLOC_ENABLE": "1",
+    }
     kept = cost.allocator_env(True, shell)
     assert kept == {"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
     assert cost.allocator_env(False, kept) == cost.allocator_env(False, shell) == {"PATH": "/bin"}
@@ -158,7 +163,7 @@ def test_keep_freed_memory_sets_glibc_for_the_timed_process_and_the_report_says_
         "glibc keeps freed memory (MALLOC_MMAP_THRESHOLD_=4294967296, MALLOC_TRIM_THRESHOLD_=68719476736)"
     )
     assert cost.allocator_note(shell) == (
-        "glibc's allocator set by (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, MALLOC_TOP_PAD_=1)"
+        "allocation set by (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, MALLOC_TOP_PAD_=1, THP_MEM_ALLOC_ENABLE=1)"
     )
     assert cost.allocator_note({"PATH": "/bin"}) == "glibc's allocator defaults"
     assert cost.parse(["--keep-freed-memory", "--no-memory"]).keep_freed_memory
