@@ -203,8 +203,8 @@ class REGGuidanceSweep(io.ComfyNode):
         pixels, results, report_runs = [], [], []
         for index, run in enumerate(plan.runs):
             images, seconds = sampling.run(plan.model(base, run.method), run.sampler_cfg, index * steps, pbar, vae)
-            if images.shape[0] != len(prompts):  # a video VAE's frames, latent by latent: each keeps its line
-                prompts = [line for line in prompts for _ in range(images.shape[0] // len(prompts))]
+            if images.shape[0] != len(prompts):
+                prompts = _per_frame(prompts, int(images.shape[0]))
             result = score(clip_score_model, images, prompts, truncation)
             pixels.append(clip_score.images_to_uint8(images)[0].numpy())
             results.append(result)
@@ -230,6 +230,17 @@ class REGGuidanceSweep(io.ComfyNode):
         return io.NodeOutput(plot, grid, json.dumps(report, ensure_ascii=False), ui={"text": (summary,)})
 
 
+def _per_frame(prompts: list[str], images: int) -> list[str]:
+    """Each latent's line for every frame a video VAE decoded it to (frames come latent by latent, as VAEDecode's)."""
+    frames, left = divmod(images, len(prompts))
+    if left or not frames:
+        raise sweep.SweepConfigError(
+            f"REGGuidanceSweep: vae decoded {len(prompts)} latents to {images} images, not a whole number of frames "
+            "each: connect the VAE that belongs to the model."
+        )
+    return [line for line in prompts for _ in range(frames)]
+
+
 def _decode(vae, samples: torch.Tensor) -> torch.Tensor:
     """``vae.decode``, with a VAE made for other latents named as the input to change (torch's channel mismatch)."""
     try:
@@ -240,7 +251,7 @@ def _decode(vae, samples: torch.Tensor) -> torch.Tensor:
         raise sweep.SweepConfigError(
             f"REGGuidanceSweep: vae cannot decode this model's latents ({str(err).splitlines()[0]}): connect the VAE "
             "that belongs to the model."
-        ) from None
+        ) from err
 
 
 @dataclass

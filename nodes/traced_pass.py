@@ -696,7 +696,12 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class _AttentionCall:
     """One attention call with its tensors other than ``q``, ``k``, ``v`` taken out (they travel as ``extras``, in
-    the order of ``positions`` then ``names``), so that the backward calls the kernel with the tensors it saved."""
+    the order of ``positions`` then ``names``), so that the backward calls the kernel with the tensors it saved.
+
+    An inference tensor (a mask made while ComfyUI prepared the conditioning) cannot be saved for a backward; it stays
+    in the call, where nothing can write to it (outside inference mode, where the pass runs, in place writes to an
+    inference tensor raise).
+    """
 
     kernel: Callable[..., torch.Tensor]
     rest: tuple
@@ -706,8 +711,8 @@ class _AttentionCall:
 
     @classmethod
     def of(cls, kernel: Callable, rest: tuple, kwargs: dict) -> tuple[_AttentionCall, list[torch.Tensor]]:
-        positions = tuple(i for i, a in enumerate(rest) if isinstance(a, torch.Tensor))
-        names = tuple(name for name, a in kwargs.items() if isinstance(a, torch.Tensor))
+        positions = tuple(i for i, a in enumerate(rest) if _savable(a))
+        names = tuple(name for name, a in kwargs.items() if _savable(a))
         extras = [rest[i] for i in positions] + [kwargs[name] for name in names]
         bare_rest = tuple(None if i in positions else a for i, a in enumerate(rest))
         frozen = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items() if k not in names}
@@ -721,22 +726,26 @@ class _AttentionCall:
         return self.kernel(q, k, v, *rest, **self.kwargs, **named)
 
 
+def _savable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not value.is_inference()
+
+
 def _recomputing(kernel: Callable) -> Callable:
     """``kernel`` as :class:`_RecomputedAttention` where it builds a graph through ``q``, ``k``, ``v`` only."""
 
     @functools.wraps(kernel)
     def attention(*args: Any, **kwargs: Any) -> Any:
         qkv, rest = args[:3], args[3:]
-        call, extras = _AttentionCall.of(kernel, rest, kwargs)
         recompute = (
             torch.is_grad_enabled()
             and len(qkv) == 3
             and all(type(t) is torch.Tensor for t in qkv)
             and any(t.requires_grad for t in qkv)
-            and not any(t.requires_grad for t in extras)
+            and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*rest, *kwargs.values()))
         )
         if not recompute:
             return kernel(*args, **kwargs)
+        call, extras = _AttentionCall.of(kernel, rest, kwargs)
         return _RecomputedAttention.apply(call, *qkv, *extras)
 
     return attention

@@ -94,3 +94,23 @@ def test_a_mask_written_before_the_backward_is_caught_or_copied(reg_pack, kernel
     got = torch.autograd.grad(out, (q, k, v), head_grad)
     for g, w in zip(got, want, strict=True):
         assert float((g - w).abs().max()) <= 1e-6 * float(w.abs().max())
+
+
+def test_a_mask_made_in_inference_mode_stays_in_the_call(reg_pack):
+    """A mask ComfyUI made while preparing the conditioning is an inference tensor, which autograd cannot save: the
+    recomputation keeps it in the call instead, and its gradients equal plain autograd's."""
+    from comfy.ldm.modules import attention
+
+    traced_pass = reg_pack.submodule("nodes.traced_pass")
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 6, 8, generator=generator, requires_grad=True) for _ in range(3))
+    plain_mask = torch.randn(2, 6, 6, generator=generator)
+    with torch.inference_mode():
+        mask = plain_mask.clone()
+    head_grad = torch.randn(2, 6, 8, generator=generator)
+    want = torch.autograd.grad(attention.attention_basic(q, k, v, 2, mask=plain_mask), (q, k, v), head_grad)
+    with traced_pass.SavedTensorGuard([], copy=False).hooks():
+        out = traced_pass._recomputing(attention.attention_basic)(q, k, v, 2, mask=mask)
+    got = torch.autograd.grad(out, (q, k, v), head_grad)
+    for g, w in zip(got, want, strict=True):
+        assert float((g - w).abs().max()) <= 1e-6 * float(w.abs().max())

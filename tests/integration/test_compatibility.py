@@ -326,6 +326,15 @@ def test_combination(tiny, reg_pack, caplog, name):
     check(tiny, CASES[name], caplog)
 
 
+def test_deep_shrink_changes_the_tiny_unets_step(tiny, reg_pack):
+    """The premise of the Deep Shrink case: on the tiny UNet the patch changes the step."""
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    case = CASES["PatchModelAddDownscale (Kohya Deep Shrink)"]
+    patched = sample(case, case.patch(model.clone()), positive, negative)
+    plain = sample(case, model.clone(), positive, negative)
+    assert float((patched - plain).abs().max()) > 1e-2 * float(plain.abs().max())
+
+
 @contextlib.contextmanager
 def attention_without_backward(monkeypatch, *, honours_override: bool) -> Iterator[None]:
     """A weightless attention kernel without a backward, installed as ``--use-sage-attention`` installs sage: a fresh
@@ -492,8 +501,9 @@ def test_differential_diffusion_masks_m_as_it_masks_the_step(tiny, reg_pack, cap
     noise = comfy.sample.prepare_noise(samples, SEED)
     want, _ = reference_run(differential, positive, negative, samples, sigmas, noise, denoise_mask=mask)
     assert max_error(got, want) <= 1e-4
-    assert max_error(run(differential)["samples"], want) > 1e-3  # REG really acted
-    assert max_error(run(with_reg(model.clone()))["samples"], want) > 1e-3  # and the masks were Differential's
+    plain = run(differential)["samples"]
+    assert max_error(plain, want) > 1e-3  # REG really acted
+    assert max_error(run(model.clone())["samples"], plain) > 1e-3  # and Differential's masks are not the sampler's
 
 
 def test_a_compiled_model_is_exact_and_reg_stays_out_of_the_compiler(tiny, reg_pack, caplog):
@@ -506,11 +516,14 @@ def test_a_compiled_model_is_exact_and_reg_stays_out_of_the_compiler(tiny, reg_p
     compiled = model.clone()
     set_torch_compile_wrapper(compiled, backend="aot_eager")
     case = Case()
+    torch_log = logging.getLogger("torch")  # torch may stop its loggers propagating to the root logger
+    torch_log.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO):
             got = sample(case, with_reg(compiled.clone()), positive, negative)
         plain = sample(case, compiled.clone(), positive, negative)
     finally:
+        torch_log.removeHandler(caplog.handler)
         torch._dynamo.reset()
     assert reg_lines(caplog) == []
     assert not [r.getMessage() for r in caplog.records if f"/{PACK_NAME}/" in r.getMessage()]  # a frame of REG's

@@ -475,3 +475,14 @@ def test_a_vae_for_other_latents_is_named(tiny, clip_models, reg_pack):
     inputs = {**_direct_inputs(tiny, clip_models), "vae": nodes.VAELoader().load_vae(tiny.sd3_vae)[0]}
     with torch.inference_mode(), pytest.raises(ValueError, match=r"^REGGuidanceSweep: vae cannot decode this model's"):
         nodes.NODE_CLASS_MAPPINGS["REGGuidanceSweep"].execute(**inputs)
+
+
+def test_a_real_error_in_reg_names_the_sweep(tiny, clip_models, reg_pack):
+    from test_runtime_defects import _shape_bug
+
+    import nodes
+
+    inputs = {**_direct_inputs(tiny, clip_models), "include_cfg": False, "include_reg": True}
+    with _shape_bug(inputs["model"]), torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"^REGGuidanceSweep \(vjp\).*mat1 and mat2"):
+            nodes.NODE_CLASS_MAPPINGS["REGGuidanceSweep"].execute(**inputs)
