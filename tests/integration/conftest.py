@@ -180,3 +180,33 @@ def harness(reg_pack: comfy_harness.LoadedPack, tiny: tiny_models.TinyModels) ->
     import comfy_harness
 
     return comfy_harness.ComfyHarness(REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny, tmp_path_factory) -> str:
+    """A rank-2 LoRA on two attention projections of the tiny SD1.5 UNet, in a temp folder registered as ``loras``:
+    one whose input depends on the latent (its weight is in the backward), one that projects the text."""
+    import comfy.lora
+    import folder_paths
+    import safetensors.torch
+    import torch
+    from test_reg_nodes import load_family
+
+    model, _, _, _ = load_family(tiny, "sd15")
+    keys = comfy.lora.model_lora_keys_unet(model.model, {})
+    unet_keys = [(k, target) for k, target in keys.items() if k.startswith("lora_unet_")]
+    chosen = [
+        next(k for k, target in unet_keys if target.endswith(end)) for end in ("attn1.to_q.weight", "attn2.to_k.weight")
+    ]
+    weights = model.model.state_dict()
+    generator = torch.Generator().manual_seed(11)
+    state = {}
+    for key in chosen:
+        out_features, in_features = weights[keys[key]].shape
+        state[f"{key}.lora_down.weight"] = torch.randn(2, in_features, generator=generator) * 0.05
+        state[f"{key}.lora_up.weight"] = torch.randn(out_features, 2, generator=generator) * 0.05
+        state[f"{key}.alpha"] = torch.tensor(2.0)
+    folder = tmp_path_factory.mktemp("loras")
+    safetensors.torch.save_file(state, str(folder / "tiny_lora.safetensors"))
+    folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+    return "tiny_lora.safetensors"

@@ -41,7 +41,8 @@ def with_reg(model: Any, **settings: Any) -> Any:
 
 
 def make_plain(model: Any) -> None:
-    """The reference's own escape from inference mode: ordinary copies of the model's inference-mode weights."""
+    """The reference's own escape from inference mode: ordinary copies of the model's inference-mode weights (made
+    at every step, after ComfyUI loaded the model and patched its weights, e.g. with a LoRA, in inference mode)."""
     with torch.inference_mode(False), torch.no_grad():
         for module in model.model.modules():
             for table, wrap in ((module._parameters, True), (module._buffers, False)):
@@ -88,6 +89,7 @@ class ReferenceREG:
         flow = isinstance(guider.model_patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
         a = (1 - sigma).reshape(-1, *[1] * (x.ndim - 1)) if flow else 1.0
         with torch.inference_mode(False), torch.enable_grad():
+            make_plain(guider.model_patcher)
             leaf = x.detach().clone().requires_grad_(True)
             d_c = self._d_c(guider, leaf, sigma.clone(), model_options)
             weights = (d_guided - d_c).detach().clone() if self.estimator == "chain" else torch.ones_like(d_c)
@@ -159,7 +161,6 @@ def sample(case: Case, model: Any, positive: Any, negative: Any, reference: Refe
     if reference is not None:
         model = model.clone()
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "reference_reg", reference)
-        make_plain(model)
     guider, _, _ = build_guider(case.guider, model, positive, negative, case.cfg)
     latent = torch.zeros(1, 4 if case.family == "sd15" else 16, case.size, case.size)
     sampling = model.get_model_object("model_sampling")
@@ -378,30 +379,6 @@ def test_a_kernel_that_cannot_be_rerouted_is_caught_by_the_jacobian_audit(tiny, 
         gradient_free = sample(case, with_reg(model.clone(), estimator="gradient-free"), positive, negative)
     assert len(lines) == 1 and "misses part of the network" in lines[0] and "gradient-free" in lines[0], lines
     assert torch.equal(got, gradient_free)
-
-
-@pytest.fixture(scope="module")
-def tiny_lora(tiny, tmp_path_factory) -> str:
-    """A rank-2 LoRA on two attention projections of the tiny SD1.5 UNet, in a temp folder registered as ``loras``."""
-    import comfy.lora
-    import folder_paths
-    import safetensors.torch
-
-    model, _, _, _ = load_family(tiny, "sd15")
-    keys = comfy.lora.model_lora_keys_unet(model.model, {})
-    chosen = [k for k, target in keys.items() if k.startswith("lora_unet_") and target.endswith("attn2.to_k.weight")]
-    weights = model.model.state_dict()
-    generator = torch.Generator().manual_seed(11)
-    state = {}
-    for key in chosen[:2]:
-        out_features, in_features = weights[keys[key]].shape
-        state[f"{key}.lora_down.weight"] = torch.randn(2, in_features, generator=generator) * 0.05
-        state[f"{key}.lora_up.weight"] = torch.randn(out_features, 2, generator=generator) * 0.05
-        state[f"{key}.alpha"] = torch.tensor(2.0)
-    folder = tmp_path_factory.mktemp("loras")
-    safetensors.torch.save_file(state, str(folder / "tiny_lora.safetensors"))
-    folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
-    return "tiny_lora.safetensors"
 
 
 def test_a_lora_loaded_through_lora_loader(tiny, reg_pack, caplog, tiny_lora):

@@ -104,3 +104,53 @@ def test_dequantised_weights_are_not_kept(reg_pack, monkeypatch, caplog, fmt):
     seen.clear()
     reg_sample(quantized, "vjp", caplog)
     assert set(seen) & shapes
+
+
+@pytest.fixture
+def low_vram(monkeypatch):
+    """ComfyUI's low-VRAM load, on a CPU: no layer fits, so every layer with a cast path keeps its weight where it is
+    and casts it when it runs, LoRA patches applied then (``weight_function``), as on a GPU too small for the model.
+    Every model is unloaded before and after, so that no other test sees a model loaded this way."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    load = comfy.model_patcher.ModelPatcher.load
+
+    def nothing_fits(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        return load(self, device_to, lowvram_model_memory=1, force_patch_weights=force_patch_weights, full_load=False)
+
+    comfy.model_management.unload_all_models()
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load", nothing_fits)
+    yield
+    comfy.model_management.unload_all_models()
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_lora_patched_per_layer_is_cast_again_not_kept(
+    tiny, reg_pack, caplog, monkeypatch, tiny_lora, low_vram, estimator
+):
+    """A LoRA on a model loaded low-VRAM: ComfyUI patches the weights each time their layer runs; the backward
+    patches them again instead of keeping the patched copies, and M is unchanged."""
+    from test_compatibility import apply
+
+    model, positive, negative, _ = load_family(tiny, "sd15")
+    lora = apply("LoraLoaderModelOnly", model=model.clone(), lora_name=tiny_lora, strength_model=1.0)[0]
+    case = Case()
+    seen = saved_shapes(reg_pack, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="reg_guidance"):
+        got = sample(case, with_reg(lora.clone(), estimator=estimator), positive, negative)
+    patched = [m for m in lora.model.diffusion_model.modules() if getattr(m, "weight_function", None)]
+    assert patched  # the premise: the LoRA's layers were patched when they ran
+    lora_shapes = {tuple(m.weight.shape) for m in patched}
+    assert reg_lines(caplog) == []
+    assert seen and not set(seen) & lora_shapes
+    want = sample(case, lora.clone(), positive, negative, ReferenceREG())
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    unpatched = sample(case, with_reg(model.clone(), estimator=estimator), positive, negative)
+    assert float((got - unpatched).abs().max()) > 1e-3 * float(want.abs().max())  # the LoRA counts in REG's step
+
+    recasts = reg_pack.submodule("nodes.traced_pass").WeightRecasts
+    monkeypatch.setattr(recasts, "view_of", lambda self, saved: None)  # positive control: the patched copies kept
+    seen.clear()
+    sample(case, with_reg(lora.clone(), estimator=estimator), positive, negative)
+    assert set(seen) & lora_shapes
