@@ -664,8 +664,8 @@ QUADRATIC_KERNELS = ("attention_basic", "attention_sub_quad", "attention_split")
 
 class _RecomputedAttention(torch.autograd.Function):
     """One attention call whose backward runs it again: the graph keeps ``q``, ``k``, ``v`` and the call's other
-    tensors (a mask), not the attention matrix a quadratic kernel would save. All of them are saved through the
-    pass's saved-tensor guard like any saved tensor: version-checked, or copied where the pass copies.
+    tensors (a mask; see :class:`_AttentionCall`), not the attention matrix a quadratic kernel would save. They are
+    saved through the pass's saved-tensor guard like any saved tensor: version-checked, or copied where it copies.
 
     The recomputation's own graph lives only inside this backward: its saved tensors bypass the guard (they are not
     part of the pass's graph and must not count against its budget).
