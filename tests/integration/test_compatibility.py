@@ -398,6 +398,21 @@ def test_a_lora_loaded_through_lora_loader(tiny, reg_pack, caplog, tiny_lora):
     check(tiny, case, caplog)
 
 
+def check_conditionings(model: Any, plain_conds: tuple, conds: tuple, caplog) -> None:
+    """REG's step with the (positive, negative) ``conds`` equals the reference, and ``conds`` change the step compared
+    with ``plain_conds`` by 10× the tolerance (the premise)."""
+    case = Case()
+    with caplog.at_level(logging.INFO, logger="reg_guidance"):
+        got = sample(case, with_reg(model.clone()), *conds)
+    plain = sample(case, model.clone(), *conds)
+    want = sample(case, model.clone(), *conds, ReferenceREG())
+    scale = float(want.abs().max())
+    assert float((plain - sample(case, model.clone(), *plain_conds)).abs().max()) > 1e-3 * scale
+    assert reg_lines(caplog) == []
+    assert float((got - want).abs().max()) <= 1e-4 * scale, float((got - want).abs().max()) / scale
+    assert float((got - plain).abs().max()) > 1e-3 * scale  # REG really acted
+
+
 @pytest.mark.parametrize("hooked", ["positive", "negative", "both"])
 def test_lora_hooks_on_the_conditioning(tiny, reg_pack, caplog, tiny_lora, hooked):
     """ComfyUI's hooks (Create Hook LoRA + Cond Set Props) patch the weights for the conds that carry them, in each
@@ -411,17 +426,7 @@ def test_lora_hooks_on_the_conditioning(tiny, reg_pack, caplog, tiny_lora, hooke
 
     pos = hook(positive, 1.0) if hooked != "negative" else positive
     neg = hook(negative, -1.5 if hooked == "both" else 1.0) if hooked != "positive" else negative
-    case = Case()
-    with caplog.at_level(logging.INFO, logger="reg_guidance"):
-        got = sample(case, with_reg(model.clone()), pos, neg)
-    plain = sample(case, model.clone(), pos, neg)
-    want = sample(case, model.clone(), pos, neg, ReferenceREG())
-    scale = float(want.abs().max())
-    unhooked = sample(case, model.clone(), positive, negative)
-    assert float((plain - unhooked).abs().max()) > 1e-3 * scale  # the hooks act, 10× above the tolerance below
-    assert reg_lines(caplog) == []
-    assert float((got - want).abs().max()) <= 1e-4 * scale, float((got - want).abs().max()) / scale
-    assert float((got - plain).abs().max()) > 1e-3 * scale
+    check_conditionings(model, (positive, negative), (pos, neg), caplog)
 
 
 @pytest.mark.parametrize("region", ["area", "mask"])
@@ -436,16 +441,7 @@ def test_regional_prompts_combined_into_the_positive(tiny, reg_pack, caplog, reg
         mask[:, 16:48, 8:40] = 1.0
         left = apply("ConditioningSetMask", conditioning=negative, mask=mask, strength=1.5, set_cond_area="default")[0]
     combined = apply("ConditioningCombine", conditioning_1=positive, conditioning_2=left)[0]
-    case = Case()
-    with caplog.at_level(logging.INFO, logger="reg_guidance"):
-        got = sample(case, with_reg(model.clone()), combined, negative)
-    plain = sample(case, model.clone(), combined, negative)
-    want = sample(case, model.clone(), combined, negative, ReferenceREG())
-    scale = float(want.abs().max())
-    assert float((plain - sample(case, model.clone(), positive, negative)).abs().max()) > 1e-3 * scale  # it acts
-    assert reg_lines(caplog) == []
-    assert float((got - want).abs().max()) <= 1e-4 * scale, float((got - want).abs().max()) / scale
-    assert float((got - plain).abs().max()) > 1e-3 * scale
+    check_conditionings(model, (positive, negative), (combined, negative), caplog)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5])
